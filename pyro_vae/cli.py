@@ -1,0 +1,151 @@
+"""The ``pyro-vae`` command line. Every Config field is a ``train`` flag (``latent_dim`` -> ``--latent-dim``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from .config import Config
+from .errors import PyroVAEError, TrainingDiverged
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(Config)
+    defaults = Config()
+    group = parser.add_argument_group("run configuration (stored in config.json)")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = getattr(defaults, f.name)
+        help_text = f"{f.metadata['help']} (default: {default})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if kind in (int, float):
+            kw["type"] = kind
+        kw["metavar"] = f.name.upper()
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+            kw.pop("metavar")
+        group.add_argument(flag, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyro-vae",
+        description="Train and inspect VAEs written as Pyro models, to measure what the N(0, I) prior does.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a VAE and write a run directory",
+                           description="Train a VAE by SVI and write a run directory with its figures.")
+    train.add_argument("--out", type=Path, help="run directory to create (default: runs/<dataset>-<prior>-z<d>-<time>)")
+    train.add_argument("--config", type=Path, metavar="CONFIG_JSON",
+                       help="start from this config.json; flags given as well override its fields")
+    train.add_argument("--resume", type=Path, metavar="RUN",
+                       help="continue the interrupted run in RUN from its last checkpoint (--epochs may extend it)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(train)
+
+    sample = sub.add_parser("sample", help="decode draws z ~ p(z) of a trained run into an image grid")
+    sample.add_argument("run", type=Path, metavar="RUN", help="a run directory")
+    sample.add_argument("--n", type=int, default=64, help="how many samples (default: 64)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    sample.add_argument("--out", type=Path, help="PNG to write (default: RUN/figures/samples-seed<seed>.png)")
+
+    recon = sub.add_parser("reconstruct", help="reconstruct held-out images of a trained run")
+    recon.add_argument("run", type=Path, metavar="RUN", help="a run directory")
+    recon.add_argument("--n", type=int, default=32, help="how many images (default: 32)")
+    recon.add_argument("--split", choices=("train", "valid", "test"), default="test", help="which split (default: test)")
+    recon.add_argument("--out", type=Path, help="PNG to write (default: RUN/figures/reconstructions-<split>.png)")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
+    base = Config().to_dict()
+    if args.config is not None:
+        if not args.config.is_file():
+            raise PyroVAEError(f"config file {args.config} does not exist")
+        base = Config.from_json(args.config.read_text()).to_dict()
+    names = {f.name for f in dataclasses.fields(Config)}
+    base.update({k: v for k, v in vars(args).items() if k in names})
+    return Config.from_dict(base)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .inference.train import resume, train
+
+    if args.resume is not None:
+        extra = set(vars(args)) & ({f.name for f in dataclasses.fields(Config)} - {"epochs"})
+        if extra or args.config or args.out:
+            raise PyroVAEError("--resume takes the run's own config.json; only --epochs may be given with it")
+        run = resume(args.resume, epochs=getattr(args, "epochs", None), progress=not args.quiet)
+    else:
+        run = train(_config_from_args(args), args.out, progress=not args.quiet)
+    info = run.info
+    print(f"run directory: {run.path}")
+    print(f"  epochs: {info['epochs_completed']}  best epoch: {info['best_epoch']}  "
+          f"validation ELBO: {info['best_valid_elbo']:.3f}  test ELBO: {info['test_elbo']:.3f} nats")
+    print(f"  figures: {run.figures}/")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .plots import plot_images
+    from .run_dir import load_run
+
+    if args.n < 1:
+        raise PyroVAEError(f"--n must be >= 1, got {args.n}")
+    run = load_run(args.run)
+    torch.manual_seed(args.seed)
+    out = args.out or run.figures / f"samples-seed{args.seed}.png"
+    plot_images(run.vae.sample(args.n), run.vae.image_shape, out, "decoded samples z ~ p(z)")
+    print(out)
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from .plots import plot_reconstructions
+    from .run_dir import load_run
+
+    if args.n < 1:
+        raise PyroVAEError(f"--n must be >= 1, got {args.n}")
+    run = load_run(args.run)
+    x, _ = run.dataset().split(args.split)
+    if run.config.binarize:
+        from .inference.train import fixed_binarization
+
+        x = fixed_binarization(x, args.split)
+    out = args.out or run.figures / f"reconstructions-{args.split}.png"
+    plot_reconstructions(run.vae, x, out, n=args.n)
+    print(out)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconstruct}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PyroVAEError as e:
+        print(f"pyro-vae: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"pyro-vae: training diverged: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pyro-vae: interrupted; the last finished epoch's checkpoint is kept "
+              "(continue with: pyro-vae train --resume RUN)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

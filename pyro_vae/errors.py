@@ -1,0 +1,9 @@
+"""Errors that name a user's mistake; the command line turns them into one line and exit status 2."""
+
+
+class PyroVAEError(Exception):
+    """Bad input: an unknown name, a wrong shape, a missing file, a run directory that is not one."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

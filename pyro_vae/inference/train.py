@@ -1,0 +1,229 @@
+"""The SVI loop: mini-batches of the training set, a validation ELBO each epoch, early stopping,
+the best weights and a resumable checkpoint written atomically after every epoch, and a progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import SVI
+from pyro.optim import ClippedAdam
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..data import Dataset, load_dataset
+from ..errors import PyroVAEError, TrainingDiverged
+from ..models.vae import VAE, build_vae
+from ..run_dir import (CHECKPOINT, CONFIG, HISTORY, INFO, WEIGHTS, Run, atomic_torch_save, atomic_write_json,
+                       load_run, read_json)
+from .metrics import elbo_per_datapoint
+from .objectives import KLWeight, check_analytic_kl, kl_weighted, make_elbo
+
+EVAL_SEED_OFFSET = 10_007  # validation/test Monte Carlo draws use their own stream, not the training one
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PyroVAEError("--device cuda was asked for, but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise PyroVAEError(f"unknown device {name!r}; choose cpu or cuda")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """Draw from a private random stream: the global (training) stream is left where it was."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+BINARIZATION_SEEDS = {"valid": 0, "test": 1, "train": 2}
+
+
+def fixed_binarization(x: torch.Tensor, split: str) -> torch.Tensor:
+    """One Bernoulli draw per pixel from a seed fixed per split: held-out data stay the same across
+    epochs, runs and commands."""
+    gen = torch.Generator(device="cpu").manual_seed(BINARIZATION_SEEDS[split])
+    return torch.bernoulli(x.cpu(), generator=gen).to(x.device)
+
+
+def evaluate_elbo(vae: VAE, x: torch.Tensor, seed: int, num_particles: int = 1) -> float:
+    """Mean ELBO per data point, with Monte Carlo draws from a fixed seed."""
+    vae.eval()
+    with seeded(seed, x.device):
+        return elbo_per_datapoint(vae, x, num_particles).mean().item()
+
+
+def train(config: Config, out: str | os.PathLike | None = None, *, data: Dataset | None = None, prior=None,
+          progress: bool = True, on_epoch_end=None) -> Run:
+    """Train a VAE as ``config`` describes and write its run directory (default ``runs/<name>-<time>``).
+
+    Every check on the input runs before anything is written. ``prior`` (an object) overrides
+    ``config.prior``; ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint."""
+    config.validate()
+    device = resolve_device(config.device)
+    if data is None:
+        data = load_dataset(config.dataset, config.data_root, download=config.download)
+    if prior is not None:
+        config = dataclasses.replace(config, prior="<object>")
+    pyro.set_rng_seed(config.seed)
+    vae = build_vae(config, data.dim, data.image_shape, data.binary, prior=prior).to(device)
+    if config.objective == "analytic":
+        check_analytic_kl(vae, data.valid[:1].to(device))
+    out = Path(out) if out is not None else default_run_path(config)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PyroVAEError(f"{out} already exists and is not empty (resume it with --resume {out}, or pick --out)")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / CONFIG, config.to_dict())
+    info = {
+        "status": "running",
+        "data": {"name": data.name, "dim": data.dim, "image_shape": list(data.image_shape), "binary": data.binary,
+                 "n_train": len(data.train), "n_valid": len(data.valid), "n_test": len(data.test)},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "pyro": pyro.__version__},
+    }
+    atomic_write_json(out / INFO, info)
+    return _fit(vae, config, data, out, info, checkpoint=None, progress=progress, on_epoch_end=on_epoch_end)
+
+
+def resume(path: str | os.PathLike, *, data: Dataset | None = None, prior=None, epochs: int | None = None,
+           progress: bool = True, on_epoch_end=None) -> Run:
+    """Continue an interrupted run from the end of its last finished epoch (or train it for more ``epochs``)."""
+    path = Path(path)
+    if not (path / CHECKPOINT).is_file() or not (path / CONFIG).is_file():
+        raise PyroVAEError(f"{path} holds no resumable run (no {CONFIG} or {CHECKPOINT})")
+    config = Config.from_json((path / CONFIG).read_text())
+    if epochs is not None:
+        config = dataclasses.replace(config, epochs=epochs)
+    config.validate()
+    device = resolve_device(config.device)
+    info = read_json(path / INFO)
+    if data is None:
+        data = load_dataset(config.dataset, config.data_root, download=config.download)
+    if prior is None and config.prior == "<object>":
+        raise PyroVAEError(f"{path} was trained with a prior given as a Python object: pass it again as prior=")
+    vae = build_vae(config, data.dim, data.image_shape, data.binary, prior=prior).to(device)
+    checkpoint = torch.load(path / CHECKPOINT, map_location=device, weights_only=True)
+    vae.load_state_dict(checkpoint["model"])
+    if checkpoint["epoch"] >= config.epochs and info.get("status") == "finished":
+        raise PyroVAEError(f"{path} already finished {checkpoint['epoch']} epochs; pass more epochs to go on")
+    atomic_write_json(path / CONFIG, config.to_dict())
+    return _fit(vae, config, data, path, info, checkpoint=checkpoint, progress=progress, on_epoch_end=on_epoch_end)
+
+
+def default_run_path(config: Config) -> Path:
+    name = Path(config.dataset).stem if config.dataset.endswith((".npy", ".pt", ".pth")) else config.dataset
+    prior = config.prior.replace(":", "_").replace("<", "").replace(">", "")
+    return Path("runs") / f"{name}-{prior}-z{config.latent_dim}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _fit(vae: VAE, config: Config, data: Dataset, out: Path, info: dict, checkpoint, progress, on_epoch_end) -> Run:
+    device = vae.device
+    pyro.clear_param_store()
+    optim = ClippedAdam({"lr": config.lr, "clip_norm": config.clip_norm})
+    weight = KLWeight(config.beta, config.warmup_epochs)
+    svi = SVI(kl_weighted(vae.model, weight), kl_weighted(vae.guide, weight), optim,
+              make_elbo(config.objective, config.num_particles))
+
+    train_x = data.train.to(device)
+    held_out = {s: getattr(data, s).to(device) for s in ("valid", "test")}
+    if config.binarize:
+        held_out = {s: fixed_binarization(x, s) for s, x in held_out.items()}
+
+    history, start_epoch, best, best_epoch, stale = [], 0, -math.inf, None, 0
+    if checkpoint is not None:
+        optim.set_state(checkpoint["optim"])
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        history, start_epoch = checkpoint["history"], checkpoint["epoch"]
+        best, best_epoch, stale = checkpoint["best"], checkpoint["best_epoch"], checkpoint["stale"]
+
+    n, bs = len(train_x), config.batch_size
+    steps = math.ceil(n / bs)
+    bar = tqdm(total=config.epochs * steps, initial=start_epoch * steps, disable=not progress, unit="step",
+               desc=f"training {out.name}", dynamic_ncols=True)
+    stopped_early = False
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            started = time.perf_counter()
+            vae.train()
+            perm = torch.randperm(n, device=device)
+            total = 0.0
+            for i in range(steps):
+                weight.update(epoch + i / steps)
+                xb = train_x[perm[i * bs : (i + 1) * bs]]
+                if config.binarize:
+                    xb = torch.bernoulli(xb)
+                loss = svi.step(xb)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the loss became {loss} at epoch {epoch + 1}, step {i + 1}; training stopped. "
+                        + _kept(out, best_epoch)
+                    )
+                total += loss
+                bar.update()
+            valid_elbo = evaluate_elbo(vae, held_out["valid"], seed=config.seed + EVAL_SEED_OFFSET)
+            if not math.isfinite(valid_elbo):
+                raise TrainingDiverged(f"the validation ELBO became {valid_elbo} at epoch {epoch + 1}. "
+                                       + _kept(out, best_epoch))
+            record = {"epoch": epoch + 1, "train_loss": total / n, "valid_elbo": valid_elbo,
+                      "beta": weight.value, "seconds": time.perf_counter() - started}
+            history.append(record)
+            if valid_elbo > best:
+                best, best_epoch, stale = valid_elbo, epoch + 1, 0
+                atomic_torch_save(out / WEIGHTS, vae.state_dict())
+            else:
+                stale += 1
+            atomic_write_json(out / HISTORY, history)
+            rng = {"cpu": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            atomic_torch_save(out / CHECKPOINT, {
+                "model": vae.state_dict(), "optim": optim.get_state(), "rng": rng, "epoch": epoch + 1,
+                "history": history, "best": best, "best_epoch": best_epoch, "stale": stale,
+            })
+            info.update(status="running", epochs_completed=epoch + 1, best_epoch=best_epoch, best_valid_elbo=best)
+            atomic_write_json(out / INFO, info)
+            bar.set_postfix(epoch=epoch + 1, valid_elbo=f"{valid_elbo:.2f}", best=f"{best:.2f}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
+            if config.patience and stale >= config.patience:
+                stopped_early = True
+                break
+    except KeyboardInterrupt:
+        info.update(status="interrupted")
+        atomic_write_json(out / INFO, info)
+        raise
+    except TrainingDiverged:
+        info.update(status="diverged")
+        atomic_write_json(out / INFO, info)
+        raise
+    finally:
+        bar.close()
+
+    run = load_run(out, prior=vae.prior if config.prior == "<object>" else None, device=str(device))
+    test_elbo = evaluate_elbo(run.vae, held_out["test"], seed=config.seed + 2 * EVAL_SEED_OFFSET)
+    from ..plots import save_run_figures
+
+    save_run_figures(run, data, held_out["test"])
+    info.update(status="finished", stopped_early=stopped_early, test_elbo=test_elbo,
+                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    atomic_write_json(out / INFO, info)
+    run.info = info
+    return run
+
+
+def _kept(out: Path, best_epoch) -> str:
+    if best_epoch is None:
+        return "No epoch finished, so no checkpoint was kept."
+    return f"The best weights (epoch {best_epoch}) are kept in {out / WEIGHTS}; resume from {out / CHECKPOINT}."

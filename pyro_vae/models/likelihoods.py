@@ -1,0 +1,62 @@
+"""Observation models p(x | z): the decoder's output, one number per pixel, becomes a distribution
+over the flattened image (event shape (D,))."""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.nn.functional import softplus
+
+from ..errors import PyroVAEError
+
+
+class Bernoulli(nn.Module):
+    """x_d ~ Bernoulli(sigmoid(f_d(z))): for binary pixels."""
+
+    requires_binary = True
+
+    def forward(self, logits: torch.Tensor) -> dist.Distribution:
+        return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
+
+
+class ContinuousBernoulli(nn.Module):
+    """x_d ~ CB(sigmoid(f_d(z))), the normalised Bernoulli density on [0, 1] (Loaiza-Ganem & Cunningham 2019)."""
+
+    requires_binary = False
+
+    def forward(self, logits: torch.Tensor) -> dist.Distribution:
+        return dist.ContinuousBernoulli(logits=logits).to_event(1)
+
+
+class Gaussian(nn.Module):
+    """x_d ~ N(sigmoid(f_d(z)), sigma_d^2) with a learned per-pixel sigma_d >= min_scale."""
+
+    requires_binary = False
+
+    def __init__(self, data_dim: int, min_scale: float = 0.01):
+        super().__init__()
+        self.raw_scale = nn.Parameter(torch.zeros(data_dim))
+        self.min_scale = min_scale
+
+    def forward(self, out: torch.Tensor) -> dist.Distribution:
+        scale = self.min_scale + softplus(self.raw_scale)
+        return dist.Normal(torch.sigmoid(out), scale).to_event(1)
+
+
+LIKELIHOODS = {"bernoulli": Bernoulli, "continuous-bernoulli": ContinuousBernoulli, "gaussian": Gaussian}
+
+
+def build_likelihood(name: str, data_dim: int, binary: bool, binarize: bool) -> nn.Module:
+    """Resolve ``auto`` (Bernoulli for binary data, continuous Bernoulli otherwise) and check the data fit."""
+    if name == "auto":
+        name = "bernoulli" if (binary or binarize) else "continuous-bernoulli"
+    if name not in LIKELIHOODS:
+        raise PyroVAEError(f"unknown likelihood {name!r}; choose one of auto, {', '.join(LIKELIHOODS)}")
+    cls = LIKELIHOODS[name]
+    if cls.requires_binary and not (binary or binarize):
+        raise PyroVAEError(
+            "the bernoulli likelihood needs binary data, but these pixels are grey levels: "
+            "add --binarize, or choose --likelihood continuous-bernoulli or gaussian"
+        )
+    return cls(data_dim) if cls is Gaussian else cls()

@@ -1,0 +1,81 @@
+"""The VAE as a Pyro model and guide.
+
+    model(x):  z_n ~ p(z),            x_n ~ p(x | z_n)      for n in plate("data")
+    guide(x):  z_n ~ q(z | x_n)                              (amortized by the encoder)
+
+Sample sites are always named ``"z"`` and ``"x"`` so that poutine handlers (scale for beta,
+condition, trace) and the ArviZ conversion work for every prior.
+"""
+
+from __future__ import annotations
+
+import pyro
+import torch
+from torch import nn
+
+from ..config import Config
+from .guides import AmortizedNormal, encoder_outputs
+from .likelihoods import build_likelihood
+from .networks import build_networks
+from .priors import build_prior
+
+
+class VAE(nn.Module):
+    """A VAE made of a prior, an amortized guide, a decoder and a likelihood."""
+
+    def __init__(self, prior: nn.Module, guide: nn.Module, decoder: nn.Module, likelihood: nn.Module,
+                 latent_dim: int, image_shape: tuple[int, int]):
+        super().__init__()
+        self.prior = prior
+        self.guide_dist = guide
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.latent_dim = latent_dim
+        self.image_shape = tuple(image_shape)
+
+    def model(self, x: torch.Tensor) -> None:
+        pyro.module("vae", self)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = pyro.sample("z", self.prior())
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    def guide(self, x: torch.Tensor) -> None:
+        pyro.module("vae", self)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            pyro.sample("z", self.guide_dist(x))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """E[x | z], the mean image under the likelihood."""
+        return self.likelihood(self.decoder(z)).mean
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """A point summary of q(z | x) (the posterior mean for the Normal guide)."""
+        return self.guide_dist.location(x)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """Decode n draws z ~ p(z): the VAE as a generator."""
+        return self.decode(self.prior().sample((n,)))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def build_vae(config: Config, data_dim: int, image_shape, binary: bool, prior=None) -> VAE:
+    """Build the VAE a config describes. ``prior`` overrides ``config.prior`` with an object."""
+    prior_module = build_prior(config.prior if prior is None else prior, config.latent_dim)
+    likelihood = build_likelihood(config.likelihood, data_dim, binary, config.binarize)
+    encoder, decoder = build_networks(
+        config.network, data_dim, image_shape, config.latent_dim, config.hidden_dim, config.hidden_layers,
+        encoder_out=encoder_outputs(config.latent_dim), decoder_out=data_dim,
+    )
+    support = prior_module().support
+    guide = AmortizedNormal(encoder, config.latent_dim, support)
+    return VAE(prior_module, guide, decoder, likelihood, config.latent_dim, image_shape)
