@@ -93,7 +93,7 @@ def _make_dataset(name, parts: dict, image_shape) -> Dataset:
     for split, (x, y) in parts.items():
         x = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32).reshape(len(x), -1)
         tensors[split] = x
-        tensors[f"{split}_labels"] = None if y is None else torch.as_tensor(np.asarray(y), dtype=torch.long)
+        tensors[f"{split}_labels"] = None if y is None else torch.as_tensor(np.array(y), dtype=torch.long)
     binary = all(bool(((tensors[s] == 0) | (tensors[s] == 1)).all()) for s in SPLITS)
     return Dataset(name=name, image_shape=tuple(image_shape), binary=binary, **tensors)
 

@@ -115,14 +115,16 @@ def plot_latent_space(vae, x: torch.Tensor, labels: torch.Tensor | None, path, g
 
 
 def save_run_figures(run, data, test_x: torch.Tensor) -> None:
-    """The standard figures of a run directory: samples, reconstructions, learning curves, latent space."""
+    """The standard figures of a run directory: samples, reconstructions, learning curves, latent space.
+
+    Test images are shown in a fixed random order: some datasets' files are sorted by class."""
     figures = run.figures
     vae = run.vae
+    order = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))[:2000]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.config.seed)
         plot_samples(vae, figures / "samples.png")
-    plot_reconstructions(vae, test_x, figures / "reconstructions.png")
+    plot_reconstructions(vae, test_x[order.to(test_x.device)], figures / "reconstructions.png")
     plot_learning_curves(run.history, figures / "learning_curves.png")
-    n = min(len(test_x), 2000)
-    plot_latent_space(vae, test_x[:n], None if data.test_labels is None else data.test_labels[:n],
-                      figures / "latent_space.png")
+    labels = None if data.test_labels is None else data.test_labels[order]
+    plot_latent_space(vae, test_x[order.to(test_x.device)], labels, figures / "latent_space.png")

@@ -13,6 +13,7 @@ import math
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 
 @torch.no_grad()
@@ -25,7 +26,7 @@ def log_weights(vae, x: torch.Tensor, num_particles: int) -> torch.Tensor:
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         trace.compute_log_prob()
         for site in trace.nodes.values():
-            if site["type"] == "sample":
+            if site["type"] == "sample" and not site_is_subsample(site):
                 log_w = log_w + sign * site["log_prob"]
     return log_w.expand(num_particles, x.shape[0])
 

@@ -165,7 +165,12 @@ def _fit(vae: VAE, config: Config, data: Dataset, out: Path, info: dict, checkpo
                 xb = train_x[perm[i * bs : (i + 1) * bs]]
                 if config.binarize:
                     xb = torch.bernoulli(xb)
-                loss = svi.step(xb)
+                try:
+                    loss = svi.step(xb)
+                except ValueError:  # with validation on, NaN parameters fail the distributions' checks
+                    if all(torch.isfinite(p).all() for p in vae.parameters()):
+                        raise
+                    loss = math.nan
                 if not math.isfinite(loss):
                     raise TrainingDiverged(
                         f"the loss became {loss} at epoch {epoch + 1}, step {i + 1}; training stopped. "
