@@ -18,6 +18,8 @@ LIKELIHOODS = ("auto", "bernoulli", "continuous-bernoulli", "gaussian")
 NETWORKS = ("mlp", "conv")
 OBJECTIVES = ("trace", "analytic", "iwae")
 DEVICES = ("cpu", "cuda")
+FLOWS = ("spline-coupling", "affine-autoregressive")
+GUIDES = ("auto", "normal", "full-covariance", "iaf", "sphere", "relaxed-categorical")
 
 
 def _opt(help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
@@ -42,7 +44,27 @@ class Config:
     binarize: bool = _opt("dynamic binarization: resample x ~ Bernoulli(pixel) every batch", default=False)
     # model
     latent_dim: int = _opt("size of the latent z", default=2)
-    prior: str = _opt("the prior p(z): a built-in name or module:attribute", default="normal")
+    prior: str = _opt(
+        "the prior p(z): normal, learned-normal, laplace, student-t, logistic, uniform, mog, mog-enum, vamp, "
+        "flow, sphere, projected-normal, dirichlet, relaxed-categorical, or module:attribute for your own",
+        default="normal",
+    )
+    prior_scale: float = _opt("laplace, logistic, uniform: standard deviation per coordinate; student-t: scale",
+                              default=1.0)
+    prior_df: float = _opt("student-t: degrees of freedom", default=3.0)
+    prior_components: int = _opt("mog, mog-enum: components K; vamp: pseudo-inputs K", default=10)
+    prior_learnable: bool = _opt("mog, mog-enum: learn weights, means and scales (else fixed)", default=True)
+    prior_flow: str = _opt("flow: the transforms", choices=FLOWS, default="spline-coupling")
+    prior_flow_layers: int = _opt("flow: number of flow layers", default=2)
+    prior_concentration: float = _opt("projected-normal: kappa; dirichlet: alpha", default=1.0)
+    prior_temperature: float = _opt("relaxed-categorical: temperature tau", default=0.5)
+    guide: str = _opt(
+        "q(z|x): auto follows the prior's support (normal through biject_to; sphere; relaxed-categorical); "
+        "full-covariance and iaf (inverse autoregressive flow) are richer",
+        choices=GUIDES,
+        default="auto",
+    )
+    guide_flow_layers: int = _opt("iaf guide: number of autoregressive layers", default=2)
     likelihood: str = _opt(
         "p(x|z); auto = bernoulli for binary data, continuous-bernoulli for grey levels",
         choices=LIKELIHOODS,
@@ -77,7 +99,10 @@ class Config:
         for name in ("hidden_dim", "hidden_layers", "num_particles", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise PyroVAEError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "clip_norm"):
+        for name in ("prior_components", "prior_flow_layers", "guide_flow_layers"):
+            if getattr(self, name) < 1:
+                raise PyroVAEError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "clip_norm", "prior_scale", "prior_df", "prior_concentration", "prior_temperature"):
             if not getattr(self, name) > 0:
                 raise PyroVAEError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.beta >= 0:

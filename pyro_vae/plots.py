@@ -91,10 +91,16 @@ def plot_latent_space(vae, x: torch.Tensor, labels: torch.Tensor | None, path, g
                                torch.tensor(-math.inf, device=grid.device))
         logp = logp.cpu().numpy().reshape(grid_size, grid_size)
         finite = np.isfinite(logp)
-        if finite.any():
+        if finite.any() and np.ptp(logp[finite]) > 1e-6:
             levels = np.linspace(np.percentile(logp[finite], 5), logp[finite].max(), 10)
             ax.contour(g0, g1, np.where(finite, logp, logp[finite].min()), levels=levels, cmap="Greys",
                        linewidths=0.8)
+        elif finite.any():  # a flat density: draw the edge of its support
+            ax.contour(g0, g1, finite.astype(float), levels=[0.5], colors="grey", linewidths=0.8)
+        else:  # the support is a curve (sphere, simplex): show where prior samples fall
+            with torch.no_grad():
+                zp = prior.sample((2000,)).cpu().numpy()
+            ax.scatter(zp[:, 0], zp[:, 1], s=2, c="lightgrey", label="prior samples")
         ax.set_xlabel("z1")
         ax.set_ylabel("z2")
         title = "posterior means over the prior's log-density"

@@ -10,24 +10,38 @@ exactly the KL term (Monte Carlo or analytic) and nothing else.
 from __future__ import annotations
 
 import torch
-from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
 from ..errors import PyroVAEError
 
 
-def make_elbo(objective: str, num_particles: int = 1) -> ELBO:
-    """``trace``: Trace_ELBO; ``analytic``: TraceMeanField_ELBO (closed-form KL where registered);
+def make_elbo(objective: str, num_particles: int = 1, enumerated: bool = False) -> ELBO:
+    """``trace``: Trace_ELBO (TraceEnum_ELBO when the model has a discrete site to sum out);
+    ``analytic``: TraceMeanField_ELBO (closed-form KL where registered);
     ``iwae``: RenyiELBO(alpha=0), the importance-weighted bound with K = num_particles."""
     common = dict(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
     if objective == "trace":
-        return Trace_ELBO(**common)
+        return TraceEnum_ELBO(**common) if enumerated else Trace_ELBO(**common)
     if objective == "analytic":
         return TraceMeanField_ELBO(**common)
     if objective == "iwae":
         return RenyiELBO(alpha=0.0, **common)
     raise PyroVAEError(f"unknown objective {objective!r}; choose trace, analytic or iwae")
+
+
+def check_objective(config, vae, x: torch.Tensor) -> None:
+    """Refuse, before training, an objective the (guide, prior) pair cannot support."""
+    if vae.enumerated:
+        if config.objective != "trace":
+            raise PyroVAEError(f"the prior {config.prior!r} has a discrete site summed out by TraceEnum_ELBO; "
+                               f"--objective {config.objective} cannot enumerate it: use --objective trace")
+        if config.beta != 1.0 or config.warmup_epochs:
+            raise PyroVAEError(f"the prior {config.prior!r} is trained with TraceEnum_ELBO, where beta and "
+                               "warm-up would scale log p(z | c), not the KL: use beta 1 without warm-up")
+    if config.objective == "analytic":
+        check_analytic_kl(vae, x)
 
 
 class KLWeight:
@@ -85,4 +99,4 @@ def _name(d) -> str:
     return f"{type(d).__name__}({_name(base)})" if base is not None else type(d).__name__
 
 
-__all__ = ["make_elbo", "KLWeight", "ScaleSite", "kl_weighted", "check_analytic_kl"]
+__all__ = ["make_elbo", "check_objective", "KLWeight", "ScaleSite", "kl_weighted", "check_analytic_kl"]

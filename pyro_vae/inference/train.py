@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data import Dataset, load_dataset
 from ..errors import PyroVAEError, TrainingDiverged
+from ..models.priors import prior_reference
 from ..models.vae import VAE, build_vae
 from ..run_dir import (CHECKPOINT, CONFIG, HISTORY, INFO, WEIGHTS, Run, atomic_torch_save, atomic_write_json,
                        load_run, read_json)
 from .metrics import elbo_per_datapoint
-from .objectives import KLWeight, check_analytic_kl, kl_weighted, make_elbo
+from .objectives import KLWeight, check_objective, kl_weighted, make_elbo
 
 EVAL_SEED_OFFSET = 10_007  # validation/test Monte Carlo draws use their own stream, not the training one
 
@@ -75,11 +76,10 @@ def train(config: Config, out: str | os.PathLike | None = None, *, data: Dataset
     if data is None:
         data = load_dataset(config.dataset, config.data_root, download=config.download)
     if prior is not None:
-        config = dataclasses.replace(config, prior="<object>")
+        config = dataclasses.replace(config, prior=prior_reference(prior))
     pyro.set_rng_seed(config.seed)
     vae = build_vae(config, data.dim, data.image_shape, data.binary, prior=prior).to(device)
-    if config.objective == "analytic":
-        check_analytic_kl(vae, data.valid[:1].to(device))
+    check_objective(config, vae, data.valid[:1].to(device))
     out = Path(out) if out is not None else default_run_path(config)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PyroVAEError(f"{out} already exists and is not empty (resume it with --resume {out}, or pick --out)")
@@ -113,6 +113,7 @@ def resume(path: str | os.PathLike, *, data: Dataset | None = None, prior=None, 
     if prior is None and config.prior == "<object>":
         raise PyroVAEError(f"{path} was trained with a prior given as a Python object: pass it again as prior=")
     vae = build_vae(config, data.dim, data.image_shape, data.binary, prior=prior).to(device)
+    check_objective(config, vae, data.valid[:1].to(device))
     checkpoint = torch.load(path / CHECKPOINT, map_location=device, weights_only=True)
     vae.load_state_dict(checkpoint["model"])
     if checkpoint["epoch"] >= config.epochs and info.get("status") == "finished":
@@ -132,8 +133,9 @@ def _fit(vae: VAE, config: Config, data: Dataset, out: Path, info: dict, checkpo
     pyro.clear_param_store()
     optim = ClippedAdam({"lr": config.lr, "clip_norm": config.clip_norm})
     weight = KLWeight(config.beta, config.warmup_epochs)
-    svi = SVI(kl_weighted(vae.model, weight), kl_weighted(vae.guide, weight), optim,
-              make_elbo(config.objective, config.num_particles))
+    model = vae.enumerated_model if vae.enumerated else vae.model
+    svi = SVI(kl_weighted(model, weight), kl_weighted(vae.guide, weight), optim,
+              make_elbo(config.objective, config.num_particles, vae.enumerated))
 
     train_x = data.train.to(device)
     held_out = {s: getattr(data, s).to(device) for s in ("valid", "test")}

@@ -1,46 +1,217 @@
 """Amortized guides q(z | x) whose family follows the prior's support.
 
-The default, :class:`AmortizedNormal`, is what Pyro's autoguides do for a constrained site: a
-diagonal Normal in unconstrained space, pushed through ``biject_to(prior.support)``."""
+Euclidean families (diagonal Normal, full-covariance Normal, inverse autoregressive flow) live on
+R^m and are pushed through ``T = biject_to(prior.support)`` when the support is constrained, as
+Pyro's autoguides do (m = the unconstrained size, e.g. d - 1 on the simplex). Supports with no
+such bijection get their own family: the sphere (projected normal) and the relaxed one-hot
+categorical. :func:`build_guide` chooses and checks.
+"""
 
 from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
+from pyro.distributions.transforms import conditional_affine_autoregressive
 from torch import nn
-from torch.distributions import biject_to, constraints
+from torch.distributions import biject_to
+from torch.distributions.mixture_same_family import MixtureSameFamilyConstraint
 from torch.nn.functional import softplus
 
+from ..errors import PyroVAEError
 
-class AmortizedNormal(nn.Module):
-    """q(z | x) = T#N(mu(x), diag sigma(x)^2), with T = biject_to(support) (identity on R^d).
+MIN_SCALE = 1e-4
 
-    ``encoder`` maps x to 2 * latent_dim numbers: the mean and an unconstrained scale."""
 
-    min_scale = 1e-4
+class DiagonalNormal(nn.Module):
+    """N(mu(x), diag sigma(x)^2) on R^m: the encoder gives 2m numbers (mu, unconstrained sigma)."""
 
-    def __init__(self, encoder: nn.Module, latent_dim: int, support=constraints.real_vector):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.num_inputs = 2 * dim
+
+    def forward(self, h: torch.Tensor) -> dist.Distribution:
+        return dist.Normal(h[..., : self.dim], MIN_SCALE + softplus(h[..., self.dim :])).to_event(1)
+
+    def location(self, h: torch.Tensor) -> torch.Tensor:
+        return h[..., : self.dim]
+
+
+class FullCovarianceNormal(nn.Module):
+    """N(mu(x), L(x) L(x)^T) on R^m, L lower-triangular with a positive diagonal: m + m(m+1)/2 numbers."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.num_inputs = dim + dim * (dim + 1) // 2
+        self.register_buffer("rows", torch.tril_indices(dim, dim)[0], persistent=False)
+        self.register_buffer("cols", torch.tril_indices(dim, dim)[1], persistent=False)
+
+    def forward(self, h: torch.Tensor) -> dist.Distribution:
+        d = self.dim
+        entries = h[..., d:]
+        tril = h.new_zeros(*h.shape[:-1], d, d)
+        tril[..., self.rows, self.cols] = entries
+        diag = MIN_SCALE + softplus(torch.diagonal(tril, dim1=-2, dim2=-1))
+        tril = tril.tril(-1) + torch.diag_embed(diag)
+        return dist.MultivariateNormal(h[..., :d], scale_tril=tril)
+
+    def location(self, h: torch.Tensor) -> torch.Tensor:
+        return h[..., : self.dim]
+
+
+class InverseAutoregressiveFlow(nn.Module):
+    """q(z | x) = f_L o ... o f_1 # N(mu(x), diag sigma(x)^2), each f_l an affine autoregressive
+    transform conditioned on a context c(x) from the encoder (Kingma et al. 2016)."""
+
+    def __init__(self, dim: int, layers: int = 2, context_dim: int = 16):
+        super().__init__()
+        if dim < 2:
+            raise PyroVAEError("the iaf guide needs latent_dim >= 2")
+        self.base = DiagonalNormal(dim)
+        self.dim, self.context_dim = dim, context_dim
+        self.num_inputs = self.base.num_inputs + context_dim
+        self.flows = nn.ModuleList(conditional_affine_autoregressive(dim, context_dim) for _ in range(layers))
+
+    def forward(self, h: torch.Tensor) -> dist.Distribution:
+        base = self.base(h[..., : self.base.num_inputs])
+        context = h[..., self.base.num_inputs :]
+        return dist.TransformedDistribution(base, [f.condition(context) for f in self.flows])
+
+    def location(self, h: torch.Tensor) -> torch.Tensor:
+        loc = self.base.location(h)
+        context = h[..., self.base.num_inputs :]
+        for f in self.flows:
+            loc = f.condition(context)(loc)
+        return loc
+
+
+class ProjectedNormalFamily(nn.Module):
+    """q(z | x) = ProjectedNormal(c(x)) on the sphere: direction c/|c|, concentration |c|."""
+
+    support = constraints.sphere
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim not in (2, 3, 4):
+            raise PyroVAEError(f"the sphere guide (projected normal) works for latent_dim 2, 3 or 4, got {dim}")
+        self.num_inputs = dim
+
+    def forward(self, h: torch.Tensor) -> dist.Distribution:
+        return dist.ProjectedNormal(h)
+
+    def location(self, h: torch.Tensor) -> torch.Tensor:
+        return h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class RelaxedCategoricalFamily(nn.Module):
+    """q(z | x) = RelaxedOneHotCategorical(tau, softmax(l(x))) on the simplex."""
+
+    support = constraints.simplex
+
+    def __init__(self, dim: int, temperature: float):
+        super().__init__()
+        self.num_inputs = dim
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, h: torch.Tensor) -> dist.Distribution:
+        return dist.RelaxedOneHotCategorical(self.temperature, logits=h)
+
+    def location(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(h, dim=-1)
+
+
+class AmortizedGuide(nn.Module):
+    """q(z | x) = T # family(encoder(x)), T = biject_to(support) for Euclidean families, none otherwise."""
+
+    def __init__(self, encoder: nn.Module, family: nn.Module, transform=None):
         super().__init__()
         self.encoder = encoder
-        self.latent_dim = latent_dim
-        self.support = support
-        self.transform = None if _is_real(support) else biject_to(support)
-
-    def base(self, x: torch.Tensor) -> dist.Distribution:
-        h = self.encoder(x)
-        loc, raw_scale = h[..., : self.latent_dim], h[..., self.latent_dim :]
-        return dist.Normal(loc, self.min_scale + softplus(raw_scale)).to_event(1)
+        self.family = family
+        self.transform = transform
 
     def forward(self, x: torch.Tensor) -> dist.Distribution:
-        base = self.base(x)
-        if self.transform is None:
-            return base
-        return dist.TransformedDistribution(base, [self.transform])
+        q = self.family(self.encoder(x))
+        return q if self.transform is None else dist.TransformedDistribution(q, [self.transform])
 
     def location(self, x: torch.Tensor) -> torch.Tensor:
-        """A point summary of q(z | x): the transformed mean of the base Normal."""
-        loc = self.base(x).base_dist.loc
+        """A point summary of q(z | x): the family's centre, mapped into the support."""
+        loc = self.family.location(self.encoder(x))
         return loc if self.transform is None else self.transform(loc)
+
+
+class AmortizedNormal(AmortizedGuide):
+    """The default guide: q(z | x) = T # N(mu(x), diag sigma(x)^2), T = biject_to(support)."""
+
+    def __init__(self, encoder: nn.Module, latent_dim: int, support=constraints.real_vector):
+        transform = _bijection(support)
+        dim = transform.inverse_shape(torch.Size([latent_dim]))[-1] if transform is not None else latent_dim
+        super().__init__(encoder, DiagonalNormal(dim), transform)
+
+
+EUCLIDEAN = ("normal", "full-covariance", "iaf")
+
+
+def choose_family(guide: str, support, prior: nn.Module) -> str:
+    """Resolve ``auto`` from the prior's support and check the family can reach it."""
+    if guide == "auto":
+        guide = getattr(prior, "preferred_guide", None) or (
+            "sphere" if support is constraints.sphere else "normal")
+    if guide in EUCLIDEAN:
+        if not _reachable(support):
+            raise PyroVAEError(
+                f"the {guide} guide cannot reach the prior's support {support}: no bijection from R^m "
+                f"(use --guide {'sphere' if support is constraints.sphere else 'auto'})"
+            )
+    elif guide == "sphere" and support is not constraints.sphere:
+        raise PyroVAEError(f"the sphere guide needs a prior on the sphere, but the prior's support is {support}")
+    elif guide == "relaxed-categorical" and support is not constraints.simplex:
+        raise PyroVAEError(f"the relaxed-categorical guide needs a prior on the simplex, not on {support}")
+    elif guide not in EUCLIDEAN + ("sphere", "relaxed-categorical"):
+        raise PyroVAEError(f"unknown guide {guide!r}")
+    return guide
+
+
+def build_guide(guide: str, encoder_factory, latent_dim: int, prior: nn.Module, support, *,
+                temperature: float = 0.5, flow_layers: int = 2) -> AmortizedGuide:
+    """The guide for a prior: ``encoder_factory(n)`` must return an encoder giving n numbers per x."""
+    support = _unwrap_mixture(support)
+    kind = choose_family(guide, support, prior)
+    transform = None
+    if kind in EUCLIDEAN:
+        transform = _bijection(support)
+        dim = transform.inverse_shape(torch.Size([latent_dim]))[-1] if transform is not None else latent_dim
+        family = {"normal": lambda: DiagonalNormal(dim), "full-covariance": lambda: FullCovarianceNormal(dim),
+                  "iaf": lambda: InverseAutoregressiveFlow(dim, flow_layers)}[kind]()
+    elif kind == "sphere":
+        family = ProjectedNormalFamily(latent_dim)
+    else:
+        temperature = float(getattr(prior, "temperature", temperature))
+        family = RelaxedCategoricalFamily(latent_dim, temperature)
+    return AmortizedGuide(encoder_factory(family.num_inputs), family, transform)
+
+
+def _bijection(support):
+    """biject_to(support) for a constrained support, None for the whole of R^d;
+    NotImplementedError where torch registers no bijection (e.g. the sphere)."""
+    support = _unwrap_mixture(support)
+    return None if _is_real(support) else biject_to(support)
+
+
+def _unwrap_mixture(support):
+    """A mixture's support is its components' support."""
+    while isinstance(support, MixtureSameFamilyConstraint):
+        support = support.base_constraint
+    return support
+
+
+def _reachable(support) -> bool:
+    try:
+        _bijection(support)
+        return True
+    except NotImplementedError:
+        return False
 
 
 def _is_real(support) -> bool:
@@ -48,8 +219,3 @@ def _is_real(support) -> bool:
     while isinstance(base, constraints.independent):
         base = base.base_constraint
     return base is constraints.real
-
-
-def encoder_outputs(latent_dim: int) -> int:
-    """How many numbers the encoder must produce for the default guide."""
-    return 2 * latent_dim

@@ -4,7 +4,9 @@
     guide(x):  z_n ~ q(z | x_n)                              (amortized by the encoder)
 
 Sample sites are always named ``"z"`` and ``"x"`` so that poutine handlers (scale for beta,
-condition, trace) and the ArviZ conversion work for every prior.
+condition, trace) and the ArviZ conversion work for every prior. A prior with a discrete
+component (``prior.enumerated``) adds a site ``"c"`` in :meth:`VAE.enumerated_model`, which
+TraceEnum_ELBO sums out exactly; :meth:`VAE.model` always uses the marginal p(z).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import torch
 from torch import nn
 
 from ..config import Config
-from .guides import AmortizedNormal, encoder_outputs
+from .guides import build_guide
 from .likelihoods import build_likelihood
 from .networks import build_networks
-from .priors import build_prior
+from .priors import PriorOptions, build_prior, check_prior, prior_support
 
 
 class VAE(nn.Module):
@@ -33,10 +35,21 @@ class VAE(nn.Module):
         self.latent_dim = latent_dim
         self.image_shape = tuple(image_shape)
 
+    @property
+    def enumerated(self) -> bool:
+        return bool(getattr(self.prior, "enumerated", False))
+
     def model(self, x: torch.Tensor) -> None:
         pyro.module("vae", self)
         with pyro.plate("data", x.shape[0], dim=-1):
             z = pyro.sample("z", self.prior())
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    def enumerated_model(self, x: torch.Tensor) -> None:
+        """The model with the prior's discrete component c as a site to enumerate (TraceEnum_ELBO)."""
+        pyro.module("vae", self)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = pyro.sample("z", self.prior.model_dist())
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor) -> None:
@@ -70,12 +83,21 @@ class VAE(nn.Module):
 
 def build_vae(config: Config, data_dim: int, image_shape, binary: bool, prior=None) -> VAE:
     """Build the VAE a config describes. ``prior`` overrides ``config.prior`` with an object."""
-    prior_module = build_prior(config.prior if prior is None else prior, config.latent_dim)
+    d = config.latent_dim
+    options = PriorOptions.from_config(config, data_dim)
+    prior_module = build_prior(config.prior if prior is None else prior, d, options)
     likelihood = build_likelihood(config.likelihood, data_dim, binary, config.binarize)
-    encoder, decoder = build_networks(
-        config.network, data_dim, image_shape, config.latent_dim, config.hidden_dim, config.hidden_layers,
-        encoder_out=encoder_outputs(config.latent_dim), decoder_out=data_dim,
-    )
-    support = prior_module().support
-    guide = AmortizedNormal(encoder, config.latent_dim, support)
-    return VAE(prior_module, guide, decoder, likelihood, config.latent_dim, image_shape)
+    decoder = None
+
+    def encoder_factory(outputs: int) -> nn.Module:
+        nonlocal decoder
+        encoder, decoder = build_networks(config.network, data_dim, image_shape, d, config.hidden_dim,
+                                          config.hidden_layers, encoder_out=outputs, decoder_out=data_dim)
+        return encoder
+
+    guide = build_guide(config.guide, encoder_factory, d, prior_module, prior_support(prior_module),
+                        temperature=config.prior_temperature, flow_layers=config.guide_flow_layers)
+    if getattr(prior_module, "needs_guide", False):
+        prior_module.attach(guide)
+        check_prior(prior_module, d)
+    return VAE(prior_module, guide, decoder, likelihood, d, image_shape)
