@@ -62,7 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--n", type=int, default=32, help="how many images (default: 32)")
     recon.add_argument("--split", choices=("train", "valid", "test"), default="test", help="which split (default: test)")
     recon.add_argument("--out", type=Path, help="PNG to write (default: RUN/figures/reconstructions-<split>.png)")
+    evaluate = sub.add_parser("evaluate", help="measure a trained run: log-likelihood, rate/distortion, holes, samples",
+                              description="Every metric of a run on its test split, into RUN/metrics.json.")
+    evaluate.add_argument("run", type=Path, metavar="RUN", help="a run directory")
+    evaluate.add_argument("--k", type=int, default=1000,
+                          help="importance samples per data point for log p(x) (default: 1000; 5000 for tighter)")
+    evaluate.add_argument("--n-test", type=int, help="evaluate on this many test points (default: all)")
+    evaluate.add_argument("--samples", type=int, default=1000, help="generated images for sample metrics (default: 1000)")
+    evaluate.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .inference.evaluate import METRICS, evaluate, format_table
+    from .run_dir import load_run
+
+    run = load_run(args.run)
+    metrics = evaluate(run, num_particles=args.k, max_points=args.n_test, seed=args.seed,
+                       num_samples=args.samples, progress=not args.quiet)
+    print(format_table(metrics))
+    print(f"written: {run.path / METRICS}")
+    return 0
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
@@ -128,7 +149,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconstruct}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,20 @@ from pyro_vae import Config, load_dataset
 SHARED_BINARIZED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_data_root(tmp_path_factory):
+    """Caches the tests write (reference classifiers) go to a temporary folder, not the user's home."""
+    import os
+
+    old = os.environ.get("PYRO_VAE_DATA")
+    os.environ["PYRO_VAE_DATA"] = str(tmp_path_factory.mktemp("data_root"))
+    yield
+    if old is None:
+        os.environ.pop("PYRO_VAE_DATA")
+    else:
+        os.environ["PYRO_VAE_DATA"] = old
+
+
 @pytest.fixture(autouse=True)
 def pyro_validation():
     """Pyro's own checks (distribution arguments, model/guide site agreement) are on in every test."""

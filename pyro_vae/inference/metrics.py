@@ -55,3 +55,136 @@ def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
     n = values.numel()
     stderr = values.std().item() / math.sqrt(n) if n > 1 else float("nan")
     return values.mean().item(), stderr
+
+
+# --------------------------------------------------------------------------- rate and distortion
+
+
+def _kl_closed_form(q, p) -> torch.Tensor | None:
+    try:
+        return torch.distributions.kl_divergence(q, p)
+    except NotImplementedError:
+        return None
+
+
+@torch.no_grad()
+def rate_and_distortion(vae, x: torch.Tensor, num_particles: int = 16, batch_size: int = 500) -> dict:
+    """Per data point: rate KL(q(z|x) || p(z)) (closed form where registered, else Monte Carlo with
+    ``num_particles`` draws) and distortion -E_q log p(x | z). Returns tensors of shape (N,) and
+    ``rate_closed_form`` telling which estimator ran."""
+    rates, distortions, closed = [], [], True
+    prior = vae.prior()
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i : i + batch_size]
+        q = vae.guide_dist(xb)
+        z = q.sample((num_particles,))  # (K, n, d)
+        distortions.append(-vae.likelihood(vae.decoder(z)).log_prob(xb).mean(0))
+        kl = _kl_closed_form(q, prior)
+        if kl is None:
+            closed = False
+            kl = (q.log_prob(z) - prior.log_prob(z)).mean(0)
+        rates.append(kl.expand(xb.shape[0]))
+    return {"rate": torch.cat(rates), "distortion": torch.cat(distortions), "rate_closed_form": closed}
+
+
+@torch.no_grad()
+def posterior_means(vae, x: torch.Tensor, num_particles: int = 64, batch_size: int = 1000) -> torch.Tensor:
+    """E_q[z | x] for each x: exact where the guide has a mean, else a Monte Carlo average."""
+    out = []
+    for i in range(0, x.shape[0], batch_size):
+        q = vae.guide_dist(x[i : i + batch_size])
+        try:
+            mean = q.mean
+        except NotImplementedError:
+            mean = q.sample((num_particles,)).mean(0)
+        out.append(mean)
+    return torch.cat(out)
+
+
+def active_units(vae, x: torch.Tensor, threshold: float = 0.01) -> dict:
+    """Burda et al. (2016): unit i is active when Cov_x(E_q[z_i | x]) > threshold."""
+    means = posterior_means(vae, x)
+    variances = means.var(0)
+    return {"active_units": int((variances > threshold).sum()), "unit_variances": variances.tolist()}
+
+
+# --------------------------------------------------------------------------- the aggregate posterior
+
+
+@torch.no_grad()
+def _log_q_aggregate(vae, z: torch.Tensor, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """log q(z) = log (1/N) sum_n q(z | x_n) for each row of z (shape (M,)), the mixture over all x."""
+    q = vae.guide_dist(x)  # batch (N,)
+    out = []
+    for i in range(0, z.shape[0], chunk):
+        lp = q.log_prob(z[i : i + chunk, None, :])  # (m, N)
+        out.append(torch.logsumexp(lp, dim=1) - math.log(x.shape[0]))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def aggregate_posterior(vae, x: torch.Tensor, num_prior_samples: int = 5000, hole_percentile: float = 1.0) -> dict:
+    """ELBO surgery (Hoffman & Johnson 2016) on the aggregate posterior q(z) = (1/N) sum_n q(z | x_n):
+
+        rate = E_x KL(q(z|x) || p(z)) = I(x; z) + KL(q(z) || p(z))
+
+    with z_n ~ q(z | x_n), one draw per data point:
+        I(x; z)         ~ mean_n [log q(z_n | x_n) - log q(z_n)]      (<= log N)
+        KL(q(z) || p(z)) ~ mean_n [log q(z_n) - log p(z_n)]
+    Prior holes: the share of z ~ p(z) where log q(z) falls below the ``hole_percentile``-th
+    percentile of log q at the posterior draws z_n, i.e. prior mass where no data point encodes."""
+    q = vae.guide_dist(x)
+    prior = vae.prior()
+    z = q.sample()  # (N, d), one per data point
+    log_q_cond = q.log_prob(z)
+    log_q_agg = _log_q_aggregate(vae, z, x)
+    log_p = prior.log_prob(z)
+    mi_terms = log_q_cond - log_q_agg
+    kl_terms = log_q_agg - log_p
+    z_prior = prior.sample((num_prior_samples,))
+    threshold = torch.quantile(log_q_agg, hole_percentile / 100)
+    holes = (_log_q_aggregate(vae, z_prior, x) < threshold).double()
+    return {
+        "mutual_information": mean_and_stderr(mi_terms),
+        "marginal_kl": mean_and_stderr(kl_terms),
+        "rate_from_surgery": mean_and_stderr(mi_terms + kl_terms),
+        "mutual_information_bound": math.log(x.shape[0]),
+        "hole_score": mean_and_stderr(holes),
+        "num_points": x.shape[0],
+    }
+
+
+# --------------------------------------------------------------------------- blur
+
+
+def gradient_energy(images: torch.Tensor, image_shape) -> torch.Tensor:
+    """Mean squared finite difference between neighbouring pixels of each image, shape (N,)."""
+    img = images.reshape(-1, *image_shape).double()
+    dx = (img[:, :, 1:] - img[:, :, :-1]).pow(2).mean((1, 2))
+    dy = (img[:, 1:, :] - img[:, :-1, :]).pow(2).mean((1, 2))
+    return dx + dy
+
+
+def sharpness_ratio(images: torch.Tensor, reference: torch.Tensor, image_shape) -> float:
+    """Mean gradient energy of ``images`` over that of real ``reference`` images (1.0 = as sharp as the data)."""
+    return (gradient_energy(images, image_shape).mean() / gradient_energy(reference, image_shape).mean()).item()
+
+
+# --------------------------------------------------------------------------- ex-post density estimation
+
+
+class ExPostMixture:
+    """Ghosh et al. (2020): fit a Gaussian mixture to posterior means of the training data and
+    sample z from it instead of from the prior."""
+
+    def __init__(self, vae, x: torch.Tensor, components: int = 10, seed: int = 0):
+        from sklearn.mixture import GaussianMixture
+
+        z = posterior_means(vae, x).cpu().double().numpy()
+        self.gmm = GaussianMixture(n_components=min(components, len(z)), covariance_type="full",
+                                   random_state=seed, reg_covar=1e-5).fit(z)
+        self.device = x.device
+
+    def sample(self, n: int) -> torch.Tensor:
+        z, _ = self.gmm.sample(n)
+        return torch.as_tensor(z, dtype=torch.float32, device=self.device)

@@ -1,0 +1,163 @@
+"""``pyro-vae evaluate``: every measurement of a trained run, into ``metrics.json`` and a table.
+
+Held-out log-likelihoods per data point are also saved (``loglik_per_point.npy``) so that two runs
+on the same test set can be compared by paired differences.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import PyroVAEError
+from ..run_dir import Run, atomic_write_bytes, atomic_write_json
+from .metrics import (ExPostMixture, active_units, aggregate_posterior, elbo_per_datapoint, iw_log_likelihood,
+                      mean_and_stderr, rate_and_distortion, sharpness_ratio)
+from .train import fixed_binarization, seeded
+
+METRICS = "metrics.json"
+PER_POINT = "loglik_per_point.npy"
+
+
+def held_out(run: Run, split: str = "test"):
+    """The run's held-out images (binarized as during training) and labels, on the model's device."""
+    data = run.dataset()
+    x, y = data.split(split)
+    x = x.to(run.vae.device)
+    if run.config.binarize:
+        x = fixed_binarization(x, split)
+    return data, x, y
+
+
+def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None, seed: int = 0,
+             num_samples: int = 1000, progress: bool = True, save: bool = True) -> dict:
+    """All metrics of a run on its test split. ``num_particles``: K for the importance-weighted
+    log-likelihood; ``max_points``: evaluate on the first N test points only (in a fixed random order)."""
+    if num_particles < 1 or num_samples < 2:
+        raise PyroVAEError("--k must be >= 1 and --samples >= 2")
+    vae = run.vae.eval()
+    data, x, labels = held_out(run)
+    if max_points is not None:
+        if max_points < 2:
+            raise PyroVAEError("--n-test must be >= 2")
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:max_points]
+        x = x[order.to(x.device)]
+    started = time.perf_counter()
+    stages = ["ELBO", f"log p(x), K={num_particles}", "rate/distortion", "aggregate posterior", "samples"]
+    bar = tqdm(stages, desc="evaluate", disable=not progress)
+    out: dict = {"num_test_points": len(x), "num_particles": num_particles, "seed": seed}
+    with seeded(seed, x.device):
+        bar.set_postfix_str(stages[0])
+        elbo = elbo_per_datapoint(vae, x, num_particles=10)
+        out["elbo"] = mean_and_stderr(elbo)
+        bar.update()
+        bar.set_postfix_str(stages[1])
+        loglik = iw_log_likelihood(vae, x, num_particles=num_particles, batch_size=_iw_batch(num_particles, x))
+        out["log_likelihood"] = mean_and_stderr(loglik)
+        out["gap_loglik_minus_elbo"] = mean_and_stderr(loglik - elbo)
+        bar.update()
+        bar.set_postfix_str(stages[2])
+        rd = rate_and_distortion(vae, x)
+        out["rate"] = mean_and_stderr(rd["rate"])
+        out["rate_closed_form"] = rd["rate_closed_form"]
+        out["distortion"] = mean_and_stderr(rd["distortion"])
+        out.update(active_units(vae, x))
+        bar.update()
+        bar.set_postfix_str(stages[3])
+        out["aggregate_posterior"] = aggregate_posterior(vae, x[:2000])
+        bar.update()
+        bar.set_postfix_str(stages[4])
+        out.update(_sample_metrics(run, data, x, labels if max_points is None else None, num_samples, seed))
+        bar.update()
+    bar.close()
+    out["seconds"] = time.perf_counter() - started
+    if save:
+        atomic_write_json(run.path / METRICS, out)
+        buffer = io.BytesIO()
+        np.save(buffer, loglik.cpu().numpy())
+        atomic_write_bytes(run.path / PER_POINT, buffer.getvalue())
+    return out
+
+
+def _iw_batch(num_particles: int, x: torch.Tensor) -> int:
+    """Data points per batch so that K x batch x D stays near 20 million numbers."""
+    return max(1, min(len(x), 20_000_000 // (num_particles * x.shape[1])))
+
+
+def _sample_metrics(run: Run, data, x, labels, num_samples: int, seed: int) -> dict:
+    vae = run.vae
+    shape = vae.image_shape
+    n = min(num_samples, len(x))
+    recon = vae.reconstruct(x[:n])
+    prior_samples = vae.sample(num_samples)
+    train_x = data.train.to(x.device)
+    if run.config.binarize:
+        train_x = fixed_binarization(train_x, "train")
+    ex_post = ExPostMixture(vae, train_x[:10_000], seed=seed)
+    ex_post_samples = vae.decode(ex_post.sample(num_samples))
+    out = {
+        "sharpness": {
+            "reconstructions": sharpness_ratio(recon, x[:n], shape),
+            "prior_samples": sharpness_ratio(prior_samples, x[:n], shape),
+            "ex_post_samples": sharpness_ratio(ex_post_samples, x[:n], shape),
+        }
+    }
+    if labels is not None and data.train_labels is not None:
+        from .sample_quality import reference_classifier, sample_quality
+
+        clf, accuracy = reference_classifier(data)
+        out["sample_quality"] = {
+            "classifier_test_accuracy": accuracy,
+            "prior": sample_quality(clf, prior_samples, x),
+            "ex_post": sample_quality(clf, ex_post_samples, x),
+            "test_images": sample_quality(clf, x[: len(x) // 2], x[len(x) // 2 :]),
+            "reconstructions": sample_quality(clf, recon, x),
+        }
+    return out
+
+
+def format_table(metrics: dict) -> str:
+    """A readable summary of metrics.json."""
+
+    def pm(v) -> str:
+        mean, se = v
+        return f"{mean:10.3f} +- {se:.3f}"
+
+    agg = metrics["aggregate_posterior"]
+    rows = [
+        ("test points", f"{metrics['num_test_points']:10d}"),
+        ("ELBO (nats)", pm(metrics["elbo"])),
+        (f"log p(x), K={metrics['num_particles']}", pm(metrics["log_likelihood"])),
+        ("log p(x) - ELBO", pm(metrics["gap_loglik_minus_elbo"])),
+        ("rate KL(q(z|x)||p(z))" + ("" if metrics["rate_closed_form"] else " [MC]"), pm(metrics["rate"])),
+        ("distortion -E log p(x|z)", pm(metrics["distortion"])),
+        ("active units", f"{metrics['active_units']:10d}"),
+        ("mutual information I(x;z)", pm(agg["mutual_information"]) + f"  (<= log N = {agg['mutual_information_bound']:.2f})"),
+        ("marginal KL(q(z)||p(z))", pm(agg["marginal_kl"])),
+        ("I + marginal KL (= rate)", pm(agg["rate_from_surgery"])),
+        ("prior-hole score", pm(agg["hole_score"])),
+        ("sharpness: reconstructions", f"{metrics['sharpness']['reconstructions']:10.3f}"),
+        ("sharpness: prior samples", f"{metrics['sharpness']['prior_samples']:10.3f}"),
+        ("sharpness: ex-post samples", f"{metrics['sharpness']['ex_post_samples']:10.3f}"),
+    ]
+    sq = metrics.get("sample_quality")
+    if sq:
+        rows.append(("classifier test accuracy", f"{sq['classifier_test_accuracy']:10.3f}"))
+        for key in ("prior", "ex_post", "reconstructions", "test_images"):
+            s = sq[key]
+            rows.append((f"{key.replace('_', '-')}: Frechet / conf / H(class)",
+                         f"{s['frechet_distance']:10.3f}   {s['confidence']:.3f}   {s['class_entropy']:.2f}"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def load_metrics(path) -> dict:
+    return json.loads((path / METRICS).read_text())
+
+
+__all__ = ["evaluate", "format_table", "held_out", "load_metrics", "METRICS", "PER_POINT"]
