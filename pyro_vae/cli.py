@@ -71,7 +71,52 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--samples", type=int, default=1000, help="generated images for sample metrics (default: 1000)")
     evaluate.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name, what in (("compare", "priors"), ("sweep-beta", "betas")):
+        study = sub.add_parser(
+            name, help=("train and evaluate one run per prior, write report.md" if name == "compare" else
+                        "train and evaluate one run per KL weight beta (0 = autoencoder), write report.md"),
+            description=("The same VAE under several priors, evaluated and reported." if name == "compare" else
+                         "The same VAE under several KL weights: what the KL pull does to sampling and blur."))
+        if name == "compare":
+            study.add_argument("--priors", default="normal,laplace,student-t,mog,vamp,flow",
+                               help="comma-separated priors (default: normal,laplace,student-t,mog,vamp,flow)")
+        else:
+            study.add_argument("--betas", default="0,0.1,0.5,1,2,4", help="comma-separated betas (default: 0,0.1,0.5,1,2,4)")
+        study.add_argument("--latent-dims", default="2", help="comma-separated latent sizes (default: 2)")
+        study.add_argument("--seeds", type=int, default=1, help="seeds per setting (default: 1)")
+        study.add_argument("--k", type=int, default=1000, help="importance samples for log p(x) (default: 1000)")
+        study.add_argument("--out", type=Path, required=True, help="study directory (runs/, report.md, figures/)")
+        study.add_argument("--quiet", action="store_true", help="no progress bar")
+        _add_config_flags(study)
     return parser
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise PyroVAEError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import beta_settings, compare_settings, run_study
+
+    base = _config_from_args(args)
+    dims = _int_list(args.latent_dims, "--latent-dims")
+    if args.seeds < 1 or not dims:
+        raise PyroVAEError("--seeds must be >= 1 and --latent-dims must name at least one size")
+    if args.command == "compare":
+        settings = compare_settings(base, [p.strip() for p in args.priors.split(",") if p.strip()], dims, args.seeds)
+    else:
+        try:
+            betas = [float(v) for v in args.betas.split(",") if v.strip()]
+        except ValueError:
+            raise PyroVAEError(f"--betas takes comma-separated numbers, got {args.betas!r}") from None
+        settings = beta_settings(base, betas, dims, args.seeds)
+    command = "pyro-vae " + " ".join(sys.argv[1:]) if sys.argv and "pyro" in sys.argv[0] else ""
+    report = run_study(args.command, settings, args.out, k=args.k, progress=not args.quiet, command=command)
+    print(f"report: {report} (and {report.with_suffix('.html')})")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -88,7 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _config_from_args(args: argparse.Namespace) -> Config:
     base = Config().to_dict()
-    if args.config is not None:
+    if getattr(args, "config", None) is not None:
         if not args.config.is_file():
             raise PyroVAEError(f"config file {args.config} does not exist")
         base = Config.from_json(args.config.read_text()).to_dict()
@@ -149,7 +194,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate,
+            "compare": cmd_study, "sweep-beta": cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,11 +73,11 @@ def plot_learning_curves(history: list[dict], path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_latent_space(vae, x: torch.Tensor, labels: torch.Tensor | None, path, grid_size: int = 200) -> Path:
-    """Posterior means coloured by label; over the prior's log-density contours when z is 2-D,
-    else projected on their first two principal components."""
+def draw_latent_space(ax, vae, x: torch.Tensor, labels: torch.Tensor | None, grid_size: int = 200,
+                      title: str | None = None):
+    """Posterior means coloured by label, on ``ax``: over the prior's log-density contours when z is
+    2-D, else projected on their first two principal components. Returns the scatter."""
     z = vae.encode(x).cpu().numpy()
-    fig, ax = plt.subplots(figsize=(6, 5))
     if vae.latent_dim == 2:
         lo, hi = np.percentile(z, 0.5, axis=0), np.percentile(z, 99.5, axis=0)
         span = np.maximum(hi - lo, 1e-3)
@@ -103,7 +103,7 @@ def plot_latent_space(vae, x: torch.Tensor, labels: torch.Tensor | None, path, g
             ax.scatter(zp[:, 0], zp[:, 1], s=2, c="lightgrey", label="prior samples")
         ax.set_xlabel("z1")
         ax.set_ylabel("z2")
-        title = "posterior means over the prior's log-density"
+        default_title = "posterior means over the prior's log-density"
     else:
         from sklearn.decomposition import PCA
 
@@ -111,12 +111,35 @@ def plot_latent_space(vae, x: torch.Tensor, labels: torch.Tensor | None, path, g
         z = pca.transform(z)
         ax.set_xlabel(f"PC1 ({pca.explained_variance_ratio_[0]:.0%})")
         ax.set_ylabel(f"PC2 ({pca.explained_variance_ratio_[1]:.0%})")
-        title = f"posterior means (d={vae.latent_dim}), first two principal components"
+        default_title = f"posterior means (d={vae.latent_dim}), first two principal components"
     colours = None if labels is None else labels.cpu().numpy()
     sc = ax.scatter(z[:, 0], z[:, 1], c=colours, cmap="tab10", s=6, alpha=0.8)
+    ax.set_title(title or default_title)
+    return sc
+
+
+def plot_latent_space(vae, x: torch.Tensor, labels: torch.Tensor | None, path, grid_size: int = 200) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 5))
+    sc = draw_latent_space(ax, vae, x, labels, grid_size)
     if labels is not None:
         fig.colorbar(sc, ax=ax, label="label")
-    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_image_rows(rows: dict, image_shape, path, title: str = "") -> Path:
+    """One labelled row of images per entry of ``rows`` (label -> (n, D) images)."""
+    labels = list(rows)
+    grids = [image_grid(rows[k], image_shape, ncol=len(rows[k])) for k in labels]
+    width = max(g.shape[1] for g in grids)
+    fig, axes = plt.subplots(len(grids), 1, figsize=(min(14, 1.5 + width / 18), 0.4 + 0.9 * len(grids)),
+                             squeeze=False)
+    for ax, label, grid in zip(axes[:, 0], labels, grids):
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title)
     return save_figure(fig, path)
 
 

@@ -1,0 +1,79 @@
+"""A tiny study end to end: the report's tables must say what the run directories' metrics say."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from pyro_vae.cli import main
+
+TINY = ["--epochs", "1", "--hidden-dim", "32", "--hidden-layers", "1", "--k", "20", "--quiet"]
+
+
+def _table(report: str, heading: str) -> dict[str, list[str]]:
+    section = report[report.index(heading):]
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells))
+        if not ln.startswith("|"):
+            break
+    return rows
+
+
+def _number(cell: str) -> float:
+    return float(cell.split("±")[0])
+
+
+def test_compare_report_matches_the_runs(tmp_path):
+    out = tmp_path / "study"
+    assert main(["compare", "--priors", "normal,laplace", "--latent-dims", "2", "--out", str(out), *TINY]) == 0
+    report = (out / "report.md").read_text()
+    rows = _table(report, "## Latent size 2")
+    assert set(rows) == {"normal", "laplace"}
+    for prior in ("normal", "laplace"):
+        m = json.loads((out / "runs" / f"{prior}-z2-s0" / "metrics.json").read_text())
+        row = rows[prior]
+        assert _number(row["log p(x)"]) == pytest.approx(m["log_likelihood"][0], abs=0.006)
+        assert float(row["log p(x)"].split("±")[1]) == pytest.approx(m["log_likelihood"][1], abs=0.006)
+        assert _number(row["rate"]) == pytest.approx(m["rate"][0], abs=0.006)
+        assert _number(row["hole score"]) == pytest.approx(m["aggregate_posterior"]["hole_score"][0], abs=6e-4)
+        assert int(row["active units"]) == m["active_units"]
+        assert _number(row["FD prior samples"]) == pytest.approx(m["sample_quality"]["prior"]["frechet_distance"],
+                                                                 abs=0.06)
+    a = np.load(out / "runs" / "normal-z2-s0" / "loglik_per_point.npy")
+    b = np.load(out / "runs" / "laplace-z2-s0" / "loglik_per_point.npy")
+    paired = rows["laplace"]["vs first (paired)"]
+    assert _number(paired) == pytest.approx((b - a).mean(), abs=0.006)
+    assert float(paired.split("±")[1]) == pytest.approx((b - a).std(ddof=1) / math.sqrt(len(a)), abs=0.006)
+    for figure in ("samples-z2", "reconstructions-z2", "aggregate-posterior-z2", "interpolations-z2"):
+        assert f"figures/{figure}.png" in report and (out / "figures" / f"{figure}.png").is_file()
+    assert "<table>" in (out / "report.html").read_text()
+
+    # started again, the study skips finished runs
+    stamp = (out / "runs" / "normal-z2-s0" / "model.pt").stat().st_mtime_ns
+    assert main(["compare", "--priors", "normal,laplace", "--latent-dims", "2", "--out", str(out), *TINY]) == 0
+    assert (out / "runs" / "normal-z2-s0" / "model.pt").stat().st_mtime_ns == stamp
+
+
+def test_beta_sweep_report_with_seeds(tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["sweep-beta", "--betas", "0,1", "--seeds", "2", "--latent-dims", "2", "--out", str(out), *TINY]) == 0
+    report = (out / "report.md").read_text()
+    rows = _table(report, "## Latent size 2")
+    assert set(rows) == {"0", "1"}
+    holes = [json.loads((out / "runs" / f"beta0-z2-s{s}" / "metrics.json").read_text())["aggregate_posterior"]
+             ["hole_score"][0] for s in (0, 1)]
+    mean, sd = (float(v) for v in rows["0"]["hole score"].split("±"))
+    assert mean == pytest.approx(np.mean(holes), abs=6e-4) and sd == pytest.approx(np.std(holes, ddof=1), abs=6e-4)
+    assert "What the sweep measured" in report and (out / "figures" / "beta-z2.png").is_file()
+
+
+def test_study_bad_input(tmp_path):
+    assert main(["compare", "--priors", "normal,nope", "--out", str(tmp_path / "s"), *TINY]) == 2
+    assert main(["sweep-beta", "--betas", "0,-1", "--out", str(tmp_path / "s"), *TINY]) == 2
+    assert main(["sweep-beta", "--betas", "a", "--out", str(tmp_path / "s"), *TINY]) == 2
+    assert not (tmp_path / "s").exists()
