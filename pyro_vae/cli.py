@@ -166,6 +166,10 @@ def _add_analyze_parser(sub) -> None:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .inference.analysis import analyze_run
 
+    for flag, value, least in (("--chains", args.chains, 1), ("--draws", args.draws, 1), ("--warmup", args.warmup, 0),
+                               ("--particles", args.particles, 1), ("--obs", args.obs, 1)):
+        if value is not None and value < least:
+            raise PyroVAEError(f"{flag} must be >= {least}, got {value}")
     analysis, paths = analyze_run(
         args.run, args.out, split=args.split, obs=args.obs, indices=args.indices, num_chains=args.chains,
         num_draws=args.draws, warmup=args.warmup, seed=args.seed, optimise=args.optimise,

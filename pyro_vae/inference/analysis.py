@@ -187,11 +187,12 @@ def nuts_proposal_log_weights(vae, x: torch.Tensor, nuts_z: torch.Tensor, num_pa
             raise PyroVAEError(f"too few finite NUTS draws ({len(un)}) to fit an importance proposal")
         loc = un.mean(0)
         cov = torch.cov(un.T).reshape(un.shape[-1], un.shape[-1])
-        cov = cov + 1e-8 * torch.eye(len(cov), dtype=cov.dtype) * cov.diagonal().mean().clamp_min(1e-12)
+        jitter = 1e-8 * cov.diagonal().mean().clamp_min(1e-12)
+        cov = cov + jitter * torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
         proposals.append((loc, torch.linalg.cholesky(cov)))
     loc = torch.stack([p[0] for p in proposals])
     tril = torch.stack([p[1] for p in proposals])
-    proposal = dist.MultivariateStudentT(torch.tensor(df, dtype=loc.dtype), loc, tril)
+    proposal = dist.MultivariateStudentT(torch.tensor(df, dtype=loc.dtype, device=loc.device), loc, tril)
     parts, left = [], num_particles
     while left > 0:
         k = min(chunk, left)
@@ -298,7 +299,8 @@ def build_inference_data(vae, x: torch.Tensor, z: torch.Tensor, methods, nuts: N
         x_mean, x_rep = likelihood.mean, likelihood.sample()
     predictive = az.dict_to_dataset(
         {"x": _np(x_rep).astype(np.float32), "x_mean": _np(x_mean).astype(np.float32)},
-        coords={**coords, "draw": keep}, dims={"x": ["inference", "obs", "pixel"], "x_mean": ["inference", "obs", "pixel"]},
+        coords={**coords, "draw": keep},
+        dims={"x": ["inference", "obs", "pixel"], "x_mean": ["inference", "obs", "pixel"]},
         library=lib,
     )
 

@@ -222,8 +222,9 @@ def run_nuts(vae, x: torch.Tensor, num_chains: int = 4, num_draws: int = 500, wa
 
     ``num_chains`` chains of ``warmup`` adaptation steps (step size and mass matrix: diagonal, or with
     ``dense_mass`` a full one over all N * latent_dim coordinates, which pays off for correlated
-    posteriors of a few dimensions) and ``num_draws`` kept draws; chain c starts uniformly in (-2, 2) in unconstrained space
-    (Pyro's ``init_to_uniform``) from seed ``seed * 1000 + c``. The global random state is left untouched.
+    posteriors of a few dimensions) and ``num_draws`` kept draws; chain c starts uniformly in (-2, 2) in
+    unconstrained space (Pyro's ``init_to_uniform``), from seed ``seed * 1000 + c``. The global random
+    state is left untouched.
 
     For a plain :class:`~pyro_vae.models.vae.VAE` the potential is computed directly
     (:func:`direct_potential`); a subclass with its own ``model`` is sampled through Pyro's tracing of
@@ -274,8 +275,8 @@ def run_nuts(vae, x: torch.Tensor, num_chains: int = 4, num_draws: int = 500, wa
     z = torch.stack(chains)  # (chain, draw, N, d)
     stats = {name: np.array([[r[name] for r in chain_records] for chain_records in records]) for name in SAMPLE_STATS}
     return NUTSResult(z=z, stats=stats, warmup=warmup, seed=seed, seconds=time.perf_counter() - started,
-                      extra={"target_accept_prob": target_accept_prob, "max_tree_depth": max_tree_depth, "dense_mass": dense_mass,
-                             "potential": "direct" if direct else "pyro-trace"})
+                      extra={"target_accept_prob": target_accept_prob, "max_tree_depth": max_tree_depth,
+                             "dense_mass": dense_mass, "potential": "direct" if direct else "pyro-trace"})
 
 
 # --------------------------------------------------------------------------- the non-amortized guide
@@ -352,5 +353,6 @@ def pointwise_guide(vae, x: torch.Tensor, max_iter: int = 200, num_particles: in
     return fitted
 
 
-__all__ = ["check_nuts_support", "run_nuts", "unconstrained_log_joint", "direct_potential", "is_plain_vae", "NUTSResult", "RecordingNUTS", "pointwise_guide", "FreeOutputs",
+__all__ = ["check_nuts_support", "run_nuts", "unconstrained_log_joint", "direct_potential", "is_plain_vae",
+           "NUTSResult", "RecordingNUTS", "pointwise_guide", "FreeOutputs",
            "SAMPLE_STATS", "frozen"]

@@ -97,7 +97,7 @@ def linear_gaussian_parts(vae: VAE) -> tuple[torch.Tensor, torch.Tensor, torch.T
     if not (isinstance(base, dist.Normal) and bool((base.loc == 0).all()) and bool((base.scale == 1).all())):
         raise PyroVAEError("the closed forms need the N(0, I) prior")
     w = vae.decoder.weight.detach().double()
-    b = vae.decoder.bias.detach().double() if vae.decoder.bias is not None else torch.zeros(w.shape[0]).double()
+    b = vae.decoder.bias.detach().double() if vae.decoder.bias is not None else torch.zeros_like(w[:, 0])
     var = vae.likelihood.sigma.detach().double().expand(w.shape[0]) ** 2
     return w, b, var
 
