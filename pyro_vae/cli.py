@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(train)
 
+    _add_analyze_parser(sub)
+
     sample = sub.add_parser("sample", help="decode draws z ~ p(z) of a trained run into an image grid")
     sample.add_argument("run", type=Path, metavar="RUN", help="a run directory")
     sample.add_argument("--n", type=int, default=64, help="how many samples (default: 64)")
@@ -196,6 +198,59 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate,
             "compare": cmd_study, "sweep-beta": cmd_study}
+
+
+# --------------------------------------------------------------------------- pyro-vae analyze (issue 6)
+
+
+def _add_analyze_parser(sub) -> None:
+    analyze = sub.add_parser(
+        "analyze", help="posterior analysis with ArviZ: guide vs NUTS draws, diagnostics, amortization gap",
+        description="Draw z for a few data points from the amortized guide, from a guide optimised for each "
+                    "point alone, and from NUTS on the exact posterior p(z|x); write an ArviZ InferenceData "
+                    "(idata.nc), R-hat/ESS and guide-vs-NUTS summaries, the gaps log p(x) - ELBO "
+                    "(approximation + amortization), and figures.")
+    analyze.add_argument("run", type=Path, metavar="RUN", help="a run directory")
+    which = analyze.add_mutually_exclusive_group()
+    which.add_argument("--obs", type=int, help="how many data points, drawn at random with --seed (default: 4)")
+    which.add_argument("--indices", type=int, nargs="+", metavar="I", help="which data points (positions in --split)")
+    analyze.add_argument("--split", choices=("train", "valid", "test"), default="test", help="(default: test)")
+    analyze.add_argument("--chains", type=int, default=4, help="NUTS chains, run one after another (default: 4)")
+    analyze.add_argument("--draws", type=int, default=500, help="NUTS draws kept per chain (default: 500)")
+    analyze.add_argument("--warmup", type=int, default=500, help="NUTS warm-up steps per chain (default: 500)")
+    analyze.add_argument("--dense-mass", action="store_true",
+                         help="adapt a full NUTS mass matrix (good for few, correlated latents)")
+    analyze.add_argument("--particles", type=int, default=5000,
+                         help="importance samples per data point for the ELBOs and log p(x) (default: 5000)")
+    analyze.add_argument("--no-optimise", dest="optimise", action="store_false",
+                         help="skip the per-point guide (and the split of the gap into its two parts)")
+    analyze.add_argument("--no-figures", dest="figures", action="store_false", help="write no figures")
+    analyze.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    analyze.add_argument("--out", type=Path, help="output directory (default: RUN/analysis)")
+    analyze.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .inference.analysis import analyze_run
+
+    for flag, value, least in (("--chains", args.chains, 1), ("--draws", args.draws, 1), ("--warmup", args.warmup, 0),
+                               ("--particles", args.particles, 1), ("--obs", args.obs, 1)):
+        if value is not None and value < least:
+            raise PyroVAEError(f"{flag} must be >= {least}, got {value}")
+    analysis, paths = analyze_run(
+        args.run, args.out, split=args.split, obs=args.obs, indices=args.indices, num_chains=args.chains,
+        num_draws=args.draws, warmup=args.warmup, seed=args.seed, optimise=args.optimise,
+        num_particles=args.particles, dense_mass=args.dense_mass, figures=args.figures, progress=not args.quiet)
+    print(analysis.report())
+    out = paths["idata"].parent
+    files = [p.name for p in paths.values() if p.parent == out] + (["figures/"] if args.figures else [])
+    print(f"\nwritten to {out}/: {', '.join(files)}")
+    return 0
+
+
+COMMANDS["analyze"] = cmd_analyze
+
+# --------------------------------------------------------------------------- end of pyro-vae analyze
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,358 @@
+"""Exact-posterior draws of z for given data points, to hold the amortized guide against.
+
+* :func:`run_nuts` runs NUTS (``pyro.infer.MCMC``) on p(z | x) proportional to p(x | z) p(z), the trained
+  VAE's own model conditioned on x: every data point's z is a block of one joint state (the
+  posterior factorises over data points, so this is the same target as one chain per point).
+  Constrained priors (simplex, positive, interval, ...) are sampled in unconstrained space through
+  Pyro's own ``biject_to`` transforms. Chains run one after another in this process (never in
+  worker processes), each from its own seed, so the result depends on ``seed`` only.
+* :func:`pointwise_guide` optimises, for each data point alone, a guide of the amortized guide's own
+  family: the encoder's output for x_n becomes a free parameter, started at its amortized value and
+  moved by L-BFGS on that point's ELBO (the non-amortized guide of Cremer et al. 2018).
+* :func:`check_nuts_support` refuses, before any work, priors and latent sites NUTS cannot handle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import MCMC, NUTS, Trace_ELBO
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+from torch.distributions import biject_to
+from tqdm.auto import tqdm
+
+from ..errors import PyroVAEError
+from .train import seeded
+
+SAMPLE_STATS = ("diverging", "step_size", "tree_depth", "n_steps", "acceptance_rate", "lp")
+
+
+# --------------------------------------------------------------------------- what NUTS can sample
+
+
+def _describe(support) -> str:
+    return repr(support).replace("\n", " ")
+
+
+def _check_support(support, what: str) -> None:
+    if support.is_discrete:
+        raise PyroVAEError(
+            f"NUTS cannot sample {what}: its support {_describe(support)} is discrete "
+            "(HMC/NUTS needs a continuous latent with a gradient)"
+        )
+    try:
+        biject_to(support)
+    except NotImplementedError:
+        raise PyroVAEError(
+            f"NUTS cannot sample {what}: its support {_describe(support)} has no bijection to unconstrained "
+            "space (torch.distributions.biject_to), which Pyro's NUTS needs"
+        ) from None
+
+
+def check_nuts_support(vae, x: torch.Tensor | None = None) -> None:
+    """Raise :class:`PyroVAEError` if NUTS cannot sample the posterior over z: a prior with a discrete
+    support, or one without ``biject_to`` (e.g. ``constraints.sphere``). With ``x`` (a batch of data),
+    also check every other latent sample site of ``vae.model`` the same way. Cheap: one prior call and,
+    with ``x``, one trace of the model on a single data point."""
+    prior = vae.prior()
+    _check_support(prior.support, f"z under the prior {type(prior).__name__}")
+    if x is None:
+        return
+    with torch.no_grad(), poutine.block():
+        trace = poutine.trace(vae.model).get_trace(x[:1])
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site) or name == "z":
+            continue
+        _check_support(site["fn"].support, f"the latent site {name!r} ({type(site['fn']).__name__})")
+
+
+# --------------------------------------------------------------------------- NUTS
+
+
+class RecordingNUTS(NUTS):
+    """Pyro's NUTS that also records, for every kept draw, what ArviZ calls the sample stats:
+    ``diverging``, ``step_size``, ``tree_depth`` (number of doublings: 2^depth - 1 leapfrog steps),
+    ``n_steps`` (leapfrog steps taken), ``acceptance_rate`` (mean Metropolis acceptance over the
+    trajectory) and ``lp`` (the log density of the draw in unconstrained space, up to a constant)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records: list[dict] = []
+        self._n_steps = 0
+        self._depth = 0
+
+    def _build_basetree(self, *args, **kwargs):
+        self._n_steps += 1
+        return super()._build_basetree(*args, **kwargs)
+
+    def _build_tree(self, z, r, z_grads, log_slice, direction, tree_depth, energy_current):
+        self._depth = max(self._depth, tree_depth + 1)
+        return super()._build_tree(z, r, z_grads, log_slice, direction, tree_depth, energy_current)
+
+    def sample(self, params):
+        self._n_steps = self._depth = 0
+        divergences, mean_accept = len(self._divergences), self._mean_accept_prob
+        step_size = float(self.step_size)
+        out = super().sample(params)
+        n = self._t - self._warmup_steps
+        if n > 0:  # a kept draw (Pyro counts the acceptance running mean from 1 again after warm-up)
+            accept = mean_accept + n * (self._mean_accept_prob - mean_accept)
+            self.records.append({
+                "diverging": len(self._divergences) > divergences,
+                "step_size": step_size,
+                "tree_depth": self._depth,
+                "n_steps": self._n_steps,
+                "acceptance_rate": float(accept),
+                "lp": -float(self._potential_energy_last),
+            })
+        return out
+
+
+@dataclass
+class NUTSResult:
+    """NUTS draws of z for N data points: ``z`` has shape (chain, draw, N, latent_dim); ``stats`` maps
+    each name of :data:`SAMPLE_STATS` to an array of shape (chain, draw)."""
+
+    z: torch.Tensor
+    stats: dict[str, np.ndarray]
+    warmup: int
+    seed: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_chains(self) -> int:
+        return self.z.shape[0]
+
+    @property
+    def num_draws(self) -> int:
+        return self.z.shape[1]
+
+    @property
+    def num_divergences(self) -> int:
+        return int(self.stats["diverging"].sum())
+
+
+def check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise PyroVAEError(f"{name} must be a positive integer, got {value!r}")
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one thread. NUTS and L-BFGS make long sequences of tiny tensor operations, for which
+    a thread pool only adds synchronisation, and on a busy machine a lot of it: 10 to 50 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """The module in eval mode with no parameter requiring a gradient; restored afterwards."""
+    was_training = module.training
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    module.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        module.train(was_training)
+
+
+def is_plain_vae(vae) -> bool:
+    """Whether ``vae.model`` is :meth:`VAE.model` itself (z ~ prior, x ~ likelihood(decoder(z))), whose
+    log density :func:`direct_potential` computes without Pyro's tracing (several times faster)."""
+    from ..models.vae import VAE
+
+    return isinstance(vae, VAE) and type(vae).model is VAE.model
+
+
+def unconstrained_log_joint(vae, x: torch.Tensor):
+    """(log_joint, transform) for a plain VAE: with z = transform(u), transform = biject_to(prior.support),
+
+        log_joint(u) = log p(z) + log p(x | z) + log |det dz/du|     per data point: shape u.shape[:-1]
+
+    for u of shape (..., N, d_u), broadcasting against x (N, D). It is the log density NUTS samples
+    (up to log p(x)), and the importance weight's numerator for proposals in unconstrained space."""
+    prior = vae.prior()
+    transform = biject_to(prior.support)
+
+    def log_joint(u: torch.Tensor) -> torch.Tensor:
+        z = transform(u)
+        jacobian = transform.log_abs_det_jacobian(u, z)
+        if jacobian.shape != z.shape[:-1]:  # an elementwise transform: sum over the event
+            jacobian = jacobian.sum(-1)
+        return prior.log_prob(z) + vae.likelihood(vae.decoder(z)).log_prob(x) + jacobian
+
+    return log_joint, transform
+
+
+def direct_potential(vae, x: torch.Tensor):
+    """(potential_fn, transform) for NUTS on p(z | x) of a plain VAE, in unconstrained space u:
+    potential(u) = -sum_n log_joint(u)_n (see :func:`unconstrained_log_joint`), the same density Pyro
+    builds from the traced model, minus the tracing."""
+    log_joint, transform = unconstrained_log_joint(vae, x)
+
+    def potential(params):
+        return -log_joint(params["z"]).sum()
+
+    return potential, transform
+
+
+def run_nuts(vae, x: torch.Tensor, num_chains: int = 4, num_draws: int = 500, warmup: int = 500, seed: int = 0,
+             target_accept_prob: float = 0.8, max_tree_depth: int = 10, dense_mass: bool = False,
+             progress: bool = True) -> NUTSResult:
+    """NUTS draws from p(z | x_n) for each row x_n of ``x`` under the trained model.
+
+    ``num_chains`` chains of ``warmup`` adaptation steps (step size and mass matrix: diagonal, or with
+    ``dense_mass`` a full one over all N * latent_dim coordinates, which pays off for correlated
+    posteriors of a few dimensions) and ``num_draws`` kept draws; chain c starts uniformly in (-2, 2) in
+    unconstrained space (Pyro's ``init_to_uniform``), from seed ``seed * 1000 + c``. The global random
+    state is left untouched.
+
+    For a plain :class:`~pyro_vae.models.vae.VAE` the potential is computed directly
+    (:func:`direct_potential`); a subclass with its own ``model`` is sampled through Pyro's tracing of
+    that model, whatever its sites (discrete ones are refused by :func:`check_nuts_support`)."""
+    check_positive(num_chains=num_chains, num_draws=num_draws)
+    if not isinstance(warmup, (int, np.integer)) or warmup < 0:
+        raise PyroVAEError(f"warmup must be a non-negative integer, got {warmup!r}")
+    check_nuts_support(vae, x)
+    x = x.to(vae.device)
+    started = time.perf_counter()
+    chains, records = [], []
+    bar = tqdm(total=num_chains * (warmup + num_draws), disable=not progress, unit="it", desc="NUTS",
+               dynamic_ncols=True)
+    state = {"chain": 0}
+
+    def hook(kernel, params, stage, i):
+        bar.update()
+        if i % 10 == 0:
+            bar.set_postfix_str(f"chain {state['chain'] + 1}/{num_chains} {stage.lower()}, "
+                                f"step size {kernel.step_size:.3g}, divergences {len(kernel._divergences)}",
+                                refresh=False)
+
+    common = dict(target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth, full_mass=dense_mass)
+    try:
+        with frozen(vae), single_thread():
+            direct = is_plain_vae(vae)
+            if direct:
+                potential, transform = direct_potential(vae, x)
+                with torch.no_grad():
+                    unconstrained_shape = transform.inv(vae.prior().sample((len(x),))).shape
+            for chain in range(num_chains):
+                state["chain"] = chain
+                with seeded(seed * 1000 + chain, x.device):
+                    if direct:
+                        kernel = RecordingNUTS(potential_fn=potential, **common)
+                        init = torch.rand(unconstrained_shape, device=x.device, dtype=x.dtype) * 4 - 2
+                        mcmc = MCMC(kernel, num_samples=num_draws, warmup_steps=warmup, initial_params={"z": init},
+                                    transforms={"z": transform.inv}, disable_progbar=True, hook_fn=hook)
+                    else:
+                        kernel = RecordingNUTS(vae.model, max_plate_nesting=1, **common)
+                        mcmc = MCMC(kernel, num_samples=num_draws, warmup_steps=warmup, disable_progbar=True,
+                                    hook_fn=hook)
+                    mcmc.run(x)
+                chains.append(mcmc.get_samples()["z"].detach())
+                records.append(kernel.records)
+    finally:
+        bar.close()
+    z = torch.stack(chains)  # (chain, draw, N, d)
+    stats = {name: np.array([[r[name] for r in chain_records] for chain_records in records]) for name in SAMPLE_STATS}
+    return NUTSResult(z=z, stats=stats, warmup=warmup, seed=seed, seconds=time.perf_counter() - started,
+                      extra={"target_accept_prob": target_accept_prob, "max_tree_depth": max_tree_depth,
+                             "dense_mass": dense_mass, "potential": "direct" if direct else "pyro-trace"})
+
+
+# --------------------------------------------------------------------------- the non-amortized guide
+
+
+class FreeOutputs(nn.Module):
+    """Stands in for an encoder: returns one free row of parameters per data point, whatever x is."""
+
+    def __init__(self, initial: torch.Tensor):
+        super().__init__()
+        self.outputs = nn.Parameter(initial.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] != self.outputs.shape[0]:
+            raise PyroVAEError(f"this per-point guide was fit to {self.outputs.shape[0]} data points, "
+                               f"got a batch of {x.shape[-2]}")
+        return self.outputs
+
+
+def pointwise_guide(vae, x: torch.Tensor, max_iter: int = 200, num_particles: int = 1024, seed: int = 0,
+                    progress: bool = True):
+    """A copy of ``vae`` whose guide is the amortized guide's family fit to each row of ``x`` alone.
+
+    The guide module must compute its parameters as ``self.encoder(x)`` (as
+    :class:`~pyro_vae.models.guides.AmortizedNormal` does): the encoder is replaced by one free row of
+    parameters per data point, started at the encoder's outputs, and L-BFGS (at most ``max_iter``
+    iterations, strong-Wolfe line search) maximises the ELBO (``Trace_ELBO`` over ``num_particles``
+    vectorized draws). The draws' noise is fixed for the whole optimisation (the same seed for every
+    evaluation: a sample-average approximation), which makes the objective smooth and deterministic;
+    its optimum is within O(1/num_particles) nats of the exact one. Data points do not interact: each
+    row only enters its own ELBO. The copy's guide only accepts these N data points; ``vae`` itself is
+    not changed."""
+    check_positive(max_iter=max_iter, num_particles=num_particles)
+    if not isinstance(getattr(vae.guide_dist, "encoder", None), nn.Module):
+        raise PyroVAEError(f"the guide {type(vae.guide_dist).__name__} has no encoder module to replace by "
+                           "per-point parameters")
+    x = x.to(vae.device)
+    fitted = copy.deepcopy(vae)
+    with torch.no_grad():
+        initial = vae.guide_dist.encoder(x)
+    free = FreeOutputs(initial)
+    fitted.guide_dist.encoder = free
+    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
+    optim = torch.optim.LBFGS([free.outputs], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6,
+                              tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
+    bar = tqdm(total=max_iter, disable=not progress, desc="per-point guide", unit="eval", dynamic_ncols=True)
+    best = {"loss": float("inf")}
+
+    def closure():
+        optim.zero_grad()
+        with seeded(seed, x.device):
+            loss = elbo.differentiable_loss(fitted.model, fitted.guide, x)
+        loss.backward()
+        best["loss"] = min(best["loss"], loss.item())
+        if bar.n < bar.total:
+            bar.update()
+        bar.set_postfix(elbo=f"{-best['loss'] / len(x):.3f}", refresh=False)
+        return loss
+
+    others = [p for p in fitted.parameters() if p is not free.outputs]
+    for p in others:
+        p.requires_grad_(False)
+    fitted.eval()
+    try:
+        with pyro.validation_enabled(False), single_thread():
+            optim.step(closure)
+        bar.total = bar.n  # converged early: show the bar as complete
+        bar.refresh()
+    finally:
+        bar.close()
+    if not torch.isfinite(free.outputs).all():
+        raise PyroVAEError("the per-point guide's optimisation diverged (non-finite parameters)")
+    free.outputs.requires_grad_(False)
+    return fitted
+
+
+__all__ = ["check_nuts_support", "run_nuts", "unconstrained_log_joint", "direct_potential", "is_plain_vae",
+           "NUTSResult", "RecordingNUTS", "pointwise_guide", "FreeOutputs",
+           "SAMPLE_STATS", "frozen"]
