@@ -137,7 +137,8 @@ def test_flow_density_is_the_change_of_variables(d, options, seed):
         u = inverse(z)
         jacobian = torch.autograd.functional.jacobian(inverse, z)
         expected = torch.distributions.Normal(0.0, 1.0).log_prob(u).sum() + torch.linalg.slogdet(jacobian)[1]
-        assert p.log_prob(z).item() == pytest.approx(expected.item(), abs=2e-3)
+        # float32 through steep spline bins: agreement to 1e-2 nats (a wrong log-det is off by O(1))
+        assert p.log_prob(z).item() == pytest.approx(expected.item(), abs=1e-2)
 
 
 @pytest.mark.parametrize("name", ["sphere", "projected-normal"])

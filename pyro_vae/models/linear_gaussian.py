@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import PyroVAEError
-from .guides import AmortizedNormal
+from .guides import MIN_SCALE, AmortizedNormal
 from .priors import StandardNormal
 from .vae import VAE
 
@@ -173,7 +173,7 @@ def set_optimal_encoder(vae: VAE) -> VAE:
     cov = torch.linalg.inv(posterior_precision(vae))
     gain = cov @ (w / var[:, None]).T  # (d, D): m(x) = gain (x - b)
     scale = torch.diagonal(posterior_precision(vae)).rsqrt()
-    raw = scale - guide.min_scale
+    raw = scale - MIN_SCALE
     raw_scale = raw + torch.log(-torch.expm1(-raw))  # softplus^{-1}
     enc = guide.encoder
     enc.weight.zero_()
