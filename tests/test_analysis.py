@@ -11,6 +11,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 import xarray as xr
+from pyro.infer.autoguide.initialization import init_to_value
 from pyro.infer.mcmc.util import initialize_model
 from torch import nn
 
@@ -28,6 +29,15 @@ from pyro_vae.models.vae import VAE
 from conftest import tiny_config
 
 CHAINS, DRAWS, WARMUP = 4, 300, 100
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Everything here is small tensors: one thread is faster, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def linear_gaussian(seed=0, data_dim=6, latent_dim=2, n_obs=3):
@@ -233,25 +243,39 @@ def _digits_vae(prior=None, latent_dim=2):
     return build_vae(tiny_config(latent_dim=latent_dim), 64, (8, 8), False, prior=prior).eval()
 
 
-def _pyro_potential(vae, x):
+def _pyro_potential(vae, x, transforms=None):
     """Pyro's own potential for vae.model conditioned on x, and its transform for z."""
-    _, potential_fn, transforms, _ = initialize_model(vae.model, model_args=(x,), max_plate_nesting=1)
+    start = init_to_value(values={"z": vae.prior().sample((len(x),))})
+    _, potential_fn, transforms, _ = initialize_model(vae.model, model_args=(x,), transforms=transforms,
+                                                      init_strategy=start, max_plate_nesting=1)
     return potential_fn, transforms["z"]
+
+
+def _mixture(latent_dim=2):
+    means = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])[:, :latent_dim]
+    return dist.MixtureSameFamily(dist.Categorical(torch.ones(3)), dist.Normal(means, 0.7).to_event(1))
+
+
+def _vae_with(prior, latent_dim):
+    """A digits-sized VAE around any prior (its guide, never used by NUTS, from a Normal-prior VAE)."""
+    base = _digits_vae(latent_dim=latent_dim)
+    return VAE(FixedDistribution(prior), base.guide_dist, base.decoder, base.likelihood, latent_dim, (8, 8)).eval()
 
 
 @pytest.mark.parametrize("prior", [
     dist.Laplace(torch.zeros(2), torch.ones(2)).to_event(1),
     dist.Dirichlet(torch.full((3,), 0.8)),
     dist.Gamma(torch.full((2,), 2.0), torch.ones(2)).to_event(1),
-], ids=["laplace", "dirichlet", "gamma"])
+    _mixture(),
+], ids=["laplace", "dirichlet", "gamma", "mixture"])
 def test_direct_potential_is_pyros_potential(prior):
     """The traced-free potential equals the one Pyro builds from the model, Jacobian included."""
-    latent_dim = prior.event_shape[0]
-    base = _digits_vae(latent_dim=latent_dim)
-    vae = VAE(FixedDistribution(prior), base.guide_dist, base.decoder, base.likelihood, latent_dim, (8, 8)).eval()
+    vae = _vae_with(prior, prior.event_shape[0])
     x = torch.rand(3, 64)
     ours, transform = direct_potential(vae, x)
-    theirs, pyro_transform = _pyro_potential(vae, x)
+    # Pyro finds no biject_to for a mixture's support: give it the components' one (the identity here)
+    explicit = {"z": transform.inv} if isinstance(prior, dist.MixtureSameFamily) else None
+    theirs, pyro_transform = _pyro_potential(vae, x, explicit)
     u = transform.inv(prior.sample((3,)))
     assert torch.allclose(pyro_transform(transform(u)), u, atol=1e-5)
     assert torch.allclose(ours({"z": u}), theirs({"z": u}), rtol=1e-5)
@@ -277,10 +301,23 @@ def test_nuts_on_a_laplace_prior_and_through_pyros_trace():
     assert torch.isfinite(traced.z).all()
 
 
+def test_nuts_on_a_mixture_prior_directly_and_through_pyros_trace():
+    vae = _vae_with(_mixture(), 2)
+    x = torch.rand(2, 64)
+    direct = run_nuts(vae, x, num_chains=1, num_draws=20, warmup=20, progress=False)
+    assert direct.extra["potential"] == "direct" and direct.z.shape == (1, 20, 2, 2)
+
+    class MyVAE(VAE):
+        def model(self, x):
+            return super().model(x)
+
+    mine = MyVAE(vae.prior, vae.guide_dist, vae.decoder, vae.likelihood, 2, (8, 8)).eval()
+    traced = run_nuts(mine, x, num_chains=1, num_draws=20, warmup=20, progress=False)
+    assert traced.extra["potential"] == "pyro-trace" and torch.isfinite(traced.z).all()
+
+
 def test_nuts_on_a_dirichlet_prior_stays_on_the_simplex():
-    dirichlet = dist.Dirichlet(torch.full((3,), 0.8))
-    base = _digits_vae(latent_dim=3)
-    vae = VAE(FixedDistribution(dirichlet), base.guide_dist, base.decoder, base.likelihood, 3, (8, 8)).eval()
+    vae = _vae_with(dist.Dirichlet(torch.full((3,), 0.8)), 3)
     result = run_nuts(vae, torch.rand(2, 64), num_chains=2, num_draws=30, warmup=30, progress=False)
     assert result.z.shape == (2, 30, 2, 3)
     assert (result.z > 0).all() and torch.allclose(result.z.sum(-1), torch.ones(()), atol=1e-5)
@@ -348,8 +385,8 @@ def tiny_run(tmp_path_factory):
 
 def test_cli_analyze_writes_idata_summary_gaps_and_figures(tiny_run, tmp_path, capsys):
     out = tmp_path / "analysis"
-    code = main(["analyze", str(tiny_run), "--indices", "3", "40", "--chains", "2", "--draws", "100",
-                 "--warmup", "100", "--particles", "1000", "--out", str(out), "--quiet"])
+    code = main(["analyze", str(tiny_run), "--indices", "3", "40", "--chains", "2", "--draws", "80",
+                 "--warmup", "80", "--particles", "1000", "--out", str(out), "--quiet"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "R-hat max" in printed and "amortization" in printed and "idata.nc" in printed
@@ -362,7 +399,7 @@ def test_cli_analyze_writes_idata_summary_gaps_and_figures(tiny_run, tmp_path, c
 
     idata = load_inference_data(out / "idata.nc")
     assert list(idata.posterior["obs"].values) == [3, 40]
-    assert idata.posterior["z"].shape == (2, 100, 3, 2, 2)
+    assert idata.posterior["z"].shape == (2, 80, 3, 2, 2)
     assert idata.attrs["split"] == "test" and str(tiny_run) in idata.attrs["run"]
     summary = pd.read_csv(out / "summary.csv", index_col=[0, 1])
     np.testing.assert_allclose(summary.loc[(40, 0), "mean"],

@@ -27,6 +27,7 @@ from pyro.infer import MCMC, NUTS, Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import biject_to
+from torch.distributions.mixture_same_family import MixtureSameFamilyConstraint
 from tqdm.auto import tqdm
 
 from ..errors import PyroVAEError
@@ -42,14 +43,26 @@ def _describe(support) -> str:
     return repr(support).replace("\n", " ")
 
 
-def _check_support(support, what: str) -> None:
-    if support.is_discrete:
+def _unwrap_mixture(support):
+    """A mixture of one family (``MixtureSameFamily``) lives where its components do: torch gives its
+    support a constraint of its own, with no ``biject_to``, so look through it."""
+    while isinstance(support, MixtureSameFamilyConstraint):
+        support = support.base_constraint
+    return support
+
+
+def support_transform(support, what: str = "z"):
+    """``biject_to(support)`` (looking through mixtures): the map from unconstrained space that NUTS
+    samples in. :class:`PyroVAEError` naming the support where there is none (a discrete support,
+    or e.g. ``constraints.sphere``)."""
+    base = _unwrap_mixture(support)
+    if base.is_discrete:
         raise PyroVAEError(
             f"NUTS cannot sample {what}: its support {_describe(support)} is discrete "
             "(HMC/NUTS needs a continuous latent with a gradient)"
         )
     try:
-        biject_to(support)
+        return biject_to(base)
     except NotImplementedError:
         raise PyroVAEError(
             f"NUTS cannot sample {what}: its support {_describe(support)} has no bijection to unconstrained "
@@ -57,21 +70,25 @@ def _check_support(support, what: str) -> None:
         ) from None
 
 
-def check_nuts_support(vae, x: torch.Tensor | None = None) -> None:
+def check_nuts_support(vae, x: torch.Tensor | None = None) -> dict:
     """Raise :class:`PyroVAEError` if NUTS cannot sample the posterior over z: a prior with a discrete
     support, or one without ``biject_to`` (e.g. ``constraints.sphere``). With ``x`` (a batch of data),
     also check every other latent sample site of ``vae.model`` the same way. Cheap: one prior call and,
-    with ``x``, one trace of the model on a single data point."""
+    with ``x``, one trace of the model on a single data point.
+
+    Returns the transforms from unconstrained space, by site name (only ``"z"`` without ``x``)."""
     prior = vae.prior()
-    _check_support(prior.support, f"z under the prior {type(prior).__name__}")
+    transforms = {"z": support_transform(prior.support, f"z under the prior {type(prior).__name__}")}
     if x is None:
-        return
+        return transforms
     with torch.no_grad(), poutine.block():
         trace = poutine.trace(vae.model).get_trace(x[:1])
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site) or name == "z":
             continue
-        _check_support(site["fn"].support, f"the latent site {name!r} ({type(site['fn']).__name__})")
+        transforms[name] = support_transform(site["fn"].support,
+                                             f"the latent site {name!r} ({type(site['fn']).__name__})")
+    return transforms
 
 
 # --------------------------------------------------------------------------- NUTS
@@ -184,14 +201,15 @@ def is_plain_vae(vae) -> bool:
 
 
 def unconstrained_log_joint(vae, x: torch.Tensor):
-    """(log_joint, transform) for a plain VAE: with z = transform(u), transform = biject_to(prior.support),
+    """(log_joint, transform) for a plain VAE: with z = transform(u), transform = biject_to(prior.support)
+    (the components' support for a mixture),
 
         log_joint(u) = log p(z) + log p(x | z) + log |det dz/du|     per data point: shape u.shape[:-1]
 
     for u of shape (..., N, d_u), broadcasting against x (N, D). It is the log density NUTS samples
     (up to log p(x)), and the importance weight's numerator for proposals in unconstrained space."""
     prior = vae.prior()
-    transform = biject_to(prior.support)
+    transform = support_transform(prior.support)
 
     def log_joint(u: torch.Tensor) -> torch.Tensor:
         z = transform(u)
@@ -215,6 +233,20 @@ def direct_potential(vae, x: torch.Tensor):
     return potential, transform
 
 
+def _init_to_uniform(transforms: dict):
+    """Pyro's ``init_to_uniform`` (uniform in (-2, 2) in unconstrained space) with our transforms."""
+
+    def init(site):
+        value = site["fn"].sample().detach()
+        transform = transforms.get(site["name"])
+        if transform is None:
+            return value
+        u = transform.inv(value)
+        return transform(torch.rand_like(u) * 4 - 2)
+
+    return init
+
+
 def run_nuts(vae, x: torch.Tensor, num_chains: int = 4, num_draws: int = 500, warmup: int = 500, seed: int = 0,
              target_accept_prob: float = 0.8, max_tree_depth: int = 10, dense_mass: bool = False,
              progress: bool = True) -> NUTSResult:
@@ -232,8 +264,8 @@ def run_nuts(vae, x: torch.Tensor, num_chains: int = 4, num_draws: int = 500, wa
     check_positive(num_chains=num_chains, num_draws=num_draws)
     if not isinstance(warmup, (int, np.integer)) or warmup < 0:
         raise PyroVAEError(f"warmup must be a non-negative integer, got {warmup!r}")
-    check_nuts_support(vae, x)
     x = x.to(vae.device)
+    transforms = check_nuts_support(vae, x)
     started = time.perf_counter()
     chains, records = [], []
     bar = tqdm(total=num_chains * (warmup + num_draws), disable=not progress, unit="it", desc="NUTS",
@@ -264,7 +296,10 @@ def run_nuts(vae, x: torch.Tensor, num_chains: int = 4, num_draws: int = 500, wa
                         mcmc = MCMC(kernel, num_samples=num_draws, warmup_steps=warmup, initial_params={"z": init},
                                     transforms={"z": transform.inv}, disable_progbar=True, hook_fn=hook)
                     else:
-                        kernel = RecordingNUTS(vae.model, max_plate_nesting=1, **common)
+                        # explicit transforms and start: Pyro's own biject_to fails on a mixture's support
+                        kernel = RecordingNUTS(vae.model, max_plate_nesting=1,
+                                               transforms={k: t.inv for k, t in transforms.items()},
+                                               init_strategy=_init_to_uniform(transforms), **common)
                         mcmc = MCMC(kernel, num_samples=num_draws, warmup_steps=warmup, disable_progbar=True,
                                     hook_fn=hook)
                     mcmc.run(x)
@@ -318,6 +353,8 @@ def pointwise_guide(vae, x: torch.Tensor, max_iter: int = 200, num_particles: in
     with torch.no_grad():
         initial = vae.guide_dist.encoder(x)
     free = FreeOutputs(initial)
+    # a guide of its own: the copied prior may hold the copied guide (the VampPrior does), and must keep it
+    fitted.guide_dist = copy.deepcopy(vae.guide_dist)
     fitted.guide_dist.encoder = free
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
     optim = torch.optim.LBFGS([free.outputs], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6,
@@ -353,6 +390,6 @@ def pointwise_guide(vae, x: torch.Tensor, max_iter: int = 200, num_particles: in
     return fitted
 
 
-__all__ = ["check_nuts_support", "run_nuts", "unconstrained_log_joint", "direct_potential", "is_plain_vae",
+__all__ = ["check_nuts_support", "support_transform", "run_nuts", "unconstrained_log_joint", "direct_potential", "is_plain_vae",
            "NUTSResult", "RecordingNUTS", "pointwise_guide", "FreeOutputs",
            "SAMPLE_STATS", "frozen"]

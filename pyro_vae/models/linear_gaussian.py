@@ -30,12 +30,14 @@ computations run in float64 and return tensors of the VAE's dtype unless said ot
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import torch
 from torch import nn
 
 from ..errors import PyroVAEError
-from .guides import MIN_SCALE, AmortizedNormal
+from .guides import AmortizedNormal
 from .priors import StandardNormal
 from .vae import VAE
 
@@ -164,22 +166,32 @@ def mean_field_gap(vae: VAE) -> float:
 @torch.no_grad()
 def set_optimal_encoder(vae: VAE) -> VAE:
     """Set the linear encoder so that q(z | x) is the mean-field optimum :func:`optimal_mean_field` for
-    every x: the amortization gap becomes 0. Returns the VAE, changed in place."""
+    every x: the amortization gap becomes 0. The guide must be an :class:`AmortizedNormal` on R^d with
+    an ``nn.Linear`` encoder giving (mean, s) with scale = min_scale + softplus(s). Checked on the way
+    out. Returns the VAE, changed in place."""
     guide = vae.guide_dist
     if not isinstance(guide, AmortizedNormal) or not isinstance(guide.encoder, nn.Linear):
         raise PyroVAEError("set_optimal_encoder needs an AmortizedNormal guide with an nn.Linear encoder")
     w, b, var = linear_gaussian_parts(vae)
     d = w.shape[1]
-    cov = torch.linalg.inv(posterior_precision(vae))
-    gain = cov @ (w / var[:, None]).T  # (d, D): m(x) = gain (x - b)
-    scale = torch.diagonal(posterior_precision(vae)).rsqrt()
-    raw = scale - MIN_SCALE
-    raw_scale = raw + torch.log(-torch.expm1(-raw))  # softplus^{-1}
+    precision = posterior_precision(vae)
+    gain = torch.linalg.inv(precision) @ (w / var[:, None]).T  # (d, D): m(x) = gain (x - b)
+    scale = torch.diagonal(precision).rsqrt()
     enc = guide.encoder
     enc.weight.zero_()
     enc.weight[:d].copy_(gain)
     enc.bias[:d].copy_(-gain @ b)
-    enc.bias[d:].copy_(raw_scale)
+    # the guide's scale is min_scale + softplus(s): find min_scale from the guide itself (s = 0 gives
+    # min_scale + log 2), then invert the softplus
+    enc.bias[d:].zero_()
+    probe = torch.zeros(1, enc.in_features, dtype=enc.weight.dtype, device=enc.weight.device)
+    min_scale = guide(probe).base_dist.scale[0, 0].double() - math.log(2.0)
+    raw = scale - min_scale
+    enc.bias[d:].copy_(raw + torch.log(-torch.expm1(-raw)))  # softplus^{-1}
+    q, best = guide(probe), optimal_mean_field(vae, probe)
+    if not (torch.allclose(q.base_dist.loc, best.base_dist.loc, atol=1e-4)
+            and torch.allclose(q.base_dist.scale, best.base_dist.scale, rtol=1e-4)):
+        raise PyroVAEError("set_optimal_encoder: this guide does not parametrise its scale as min_scale + softplus")
     return vae
 
 
