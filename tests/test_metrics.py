@@ -113,3 +113,61 @@ def test_evaluate_cli_prints_the_table(trained, capsys):
 def test_evaluate_bad_input(trained, tmp_path):
     assert main(["evaluate", str(tmp_path)]) == 2
     assert main(["evaluate", str(trained.path), "--k", "0", "--quiet"]) == 2
+
+
+# --------------------------------------------------------------------------- against closed forms
+
+
+@pytest.fixture(scope="module")
+def ppca():
+    """Probabilistic PCA, D = 6, d = 2, with the mean-field-optimal linear encoder, and 2,000 data
+    points drawn from the model itself. Its log p(x), rate and aggregate posterior are known exactly."""
+    from pyro_vae.models.linear_gaussian import build_linear_gaussian_vae, set_optimal_encoder
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 2, generator=gen)
+    b = torch.randn(6, generator=gen)
+    vae = set_optimal_encoder(build_linear_gaussian_vae(6, 2, sigma=0.7, weight=w, bias=b))
+    x = (torch.randn(2000, 2, generator=gen) @ w.T + b + 0.7 * torch.randn(2000, 6, generator=gen))
+    return vae, x
+
+
+def test_log_likelihood_estimator_matches_the_exact_evidence(ppca):
+    from pyro_vae.models.linear_gaussian import exact_log_marginal
+
+    vae, x = ppca
+    torch.manual_seed(0)
+    estimate = iw_log_likelihood(vae, x, num_particles=1000).double()
+    exact = exact_log_marginal(vae, x)
+    diff_mean, diff_se = mean_and_stderr(estimate - exact)
+    assert abs(diff_mean) < 3 * diff_se + 1e-3
+    mean, se = mean_and_stderr(estimate)
+    assert abs(mean - exact.mean().item()) < se
+    torch.manual_seed(0)
+    elbo = elbo_per_datapoint(vae, x, num_particles=100).double()
+    assert (exact - elbo).mean() > 3 * mean_and_stderr(exact - elbo)[1]  # the mean-field ELBO is strictly below
+
+
+def test_rate_and_marginal_kl_match_their_closed_forms(ppca):
+    from pyro_vae.models.linear_gaussian import linear_gaussian_parts, optimal_mean_field
+
+    vae, x = ppca
+    q = optimal_mean_field(vae, x)
+    loc, var = q.base_dist.loc.double(), q.base_dist.scale.double() ** 2
+    exact_rate = 0.5 * (var + loc ** 2 - 1 - var.log()).sum(-1)
+    rd = rate_and_distortion(vae, x)
+    assert torch.allclose(rd["rate"].double(), exact_rate, atol=1e-3)
+    # population aggregate posterior: m(x) = G (x - b) with x ~ N(b, W W^T + Psi), so
+    # q(z) = N(0, G C G^T + diag(var)), and KL(q(z) || N(0, I)) = (tr S - d - log det S) / 2
+    w, b, psi = linear_gaussian_parts(vae)
+    enc = vae.guide_dist.encoder
+    gain = enc.weight[:2].double()
+    cov = gain @ (w @ w.T + torch.diag(psi)) @ gain.T + torch.diag(var[0])
+    exact_marginal_kl = 0.5 * (torch.trace(cov) - 2 - torch.logdet(cov)).item()
+    torch.manual_seed(0)
+    agg = aggregate_posterior(vae, x)
+    kl, kl_se = agg["marginal_kl"]
+    mi, mi_se = agg["mutual_information"]
+    # the N-component estimate of log q(z) is biased by O(1/N) at N = 2000; allow 3 standard errors + 0.01
+    assert abs(kl - exact_marginal_kl) < 3 * kl_se + 0.01
+    assert abs(mi - (exact_rate.mean().item() - exact_marginal_kl)) < 3 * mi_se + 0.01
