@@ -63,8 +63,7 @@ def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1
     from .inference.train import resume, train
 
     out = Path(out)
-    for s in settings:
-        s.config.validate()
+    check_settings(settings)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "study.json", {"kind": kind, "command": command, "k": k,
                                            "settings": [{"name": s.name, "label": s.label, "latent_dim": s.latent_dim,
@@ -86,6 +85,27 @@ def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1
             evaluate(load_run(path), num_particles=k, progress=False)
     bar.close()
     return write_report(kind, settings, out, command)
+
+
+def check_settings(settings: list[Setting]) -> None:
+    """Build every setting's model before training any: a bad combination (say, a sphere prior at a
+    latent size its guide cannot take) fails at once, not after an hour of the other runs."""
+    from .data import load_dataset
+    from .models.vae import build_vae
+
+    if not settings:
+        raise PyroVAEError("the study has no settings")
+    datasets = {}
+    for s in settings:
+        c = s.config.validate()
+        key = (c.dataset, c.data_root)
+        if key not in datasets:
+            datasets[key] = load_dataset(c.dataset, c.data_root, download=c.download)
+        data = datasets[key]
+        try:
+            build_vae(c, data.dim, data.image_shape, data.binary)
+        except PyroVAEError as e:
+            raise PyroVAEError(f"setting {s.name}: {e}") from None
 
 
 def _clear(path: Path) -> None:
