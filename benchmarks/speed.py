@@ -15,6 +15,7 @@ process. Results go to benchmarks/results/speed-<device>.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import platform
@@ -22,6 +23,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +138,29 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def RESULTS(device: str) -> Path:
+    return Path(__file__).parent / "results" / f"speed-{device}.json"
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _measure_memory(args, jobs, results) -> None:
+    """Each workload once in a fresh child process: its peak resident memory above the loaded baseline."""
+    for name in jobs:
+        for side in ("pyro", "plain"):
+            child = subprocess.run([sys.executable, __file__, "--data-root", args.data_root, "--device", args.device,
+                                    "--train-images", str(args.train_images), "--eval-images", str(args.eval_images),
+                                    "--memory-of", f"{name}:{side}"], capture_output=True, text=True, check=True)
+            mem = json.loads(child.stdout.strip().splitlines()[-1])
+            results[name][f"memory_{side}"] = mem
+            print(f"{name:6s} {side:6s} workload peak {mem['workload_peak_mib']:.0f} MiB above "
+                  f"{mem['baseline_rss_mib']:.0f} MiB loaded"
+                  + (f", GPU peak {mem['gpu_peak_mib']:.0f} MiB" if mem["gpu_peak_mib"] else ""), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", required=True)
@@ -143,6 +168,7 @@ def main():
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--train-images", type=int, default=10_000)
     parser.add_argument("--eval-images", type=int, default=500)
+    parser.add_argument("--memory-only", action="store_true", help="re-measure memory into the last results file")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # child mode: run one workload, print max RSS
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -151,12 +177,30 @@ def main():
 
     if args.memory_of:
         name, side = args.memory_of.split(":")
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        gc.collect()
+        before = _rss_mib()
+        peak, done = [before], threading.Event()
+
+        def watch():  # the process's resident set, sampled every 5 ms while the workload runs
+            while not done.wait(0.005):
+                peak[0] = max(peak[0], _rss_mib())
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
         jobs[name][0 if side == "pyro" else 1]()
         sync(device)
+        done.set()
+        watcher.join()
         gpu = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-        print(json.dumps({"max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                          "baseline_rss_mib": before / 1024, "gpu_peak_mib": gpu}))
+        print(json.dumps({"peak_rss_mib": peak[0], "baseline_rss_mib": before,
+                          "workload_peak_mib": peak[0] - before, "gpu_peak_mib": gpu}))
+        return
+    if args.memory_only:
+        results = json.loads(RESULTS(args.device).read_text())["results"]
+        _measure_memory(args, jobs, results)
+        record = json.loads(RESULTS(args.device).read_text())
+        record["results"] = results
+        RESULTS(args.device).write_text(json.dumps(record, indent=2) + "\n")
         return
 
     results = {}
@@ -174,21 +218,13 @@ def main():
         results[name] = {"median_seconds": med, "ratio": med["pyro-vae"] / med["plain"], "all_seconds": times}
         print(f"{name:6s} pyro-vae {med['pyro-vae']:.3f} s   plain {med['plain']:.3f} s   "
               f"ratio {results[name]['ratio']:.3f}", flush=True)
-    for name in jobs:
-        for side in ("pyro", "plain"):
-            child = subprocess.run([sys.executable, __file__, "--data-root", args.data_root, "--device", args.device,
-                                    "--train-images", str(args.train_images), "--eval-images", str(args.eval_images),
-                                    "--memory-of", f"{name}:{side}"], capture_output=True, text=True, check=True)
-            mem = json.loads(child.stdout.strip().splitlines()[-1])
-            results[name][f"memory_{side}"] = mem
-            print(f"{name:6s} {side:6s} peak RSS {mem['max_rss_mib']:.0f} MiB (after loading {mem['baseline_rss_mib']:.0f})"
-                  + (f", GPU peak {mem['gpu_peak_mib']:.0f} MiB" if mem["gpu_peak_mib"] else ""))
+    _measure_memory(args, jobs, results)
     machine = (torch.cuda.get_device_name() if device.type == "cuda" else
                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     record = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "machine": machine,
               "torch": torch.__version__, "pyro": pyro.__version__, "repeats": args.repeats,
               "train_images": args.train_images, "eval_images": args.eval_images, "results": results}
-    out = Path(__file__).parent / "results" / f"speed-{args.device}.json"
+    out = RESULTS(args.device)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"written: {out}")

@@ -64,7 +64,7 @@ def plot_learning_curves(history: list[dict], path) -> Path:
     ax.plot(epochs, [-r["train_loss"] for r in history], label="train (beta-)ELBO")
     ax.plot(epochs, [r["valid_elbo"] for r in history], label="validation ELBO")
     if history:
-        best = max(history, key=lambda r: r["valid_elbo"])
+        best = max(history, key=lambda r: r.get("valid_beta_elbo", r["valid_elbo"]))
         ax.axvline(best["epoch"], color="grey", ls=":", label=f"best epoch {best['epoch']}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per data point")
@@ -112,8 +112,10 @@ def draw_latent_space(ax, vae, x: torch.Tensor, labels: torch.Tensor | None, gri
         ax.set_xlabel(f"PC1 ({pca.explained_variance_ratio_[0]:.0%})")
         ax.set_ylabel(f"PC2 ({pca.explained_variance_ratio_[1]:.0%})")
         default_title = f"posterior means (d={vae.latent_dim}), first two principal components"
-    colours = None if labels is None else labels.cpu().numpy()
-    sc = ax.scatter(z[:, 0], z[:, 1], c=colours, cmap="tab10", s=6, alpha=0.8)
+    if labels is None:
+        sc = ax.scatter(z[:, 0], z[:, 1], s=6, alpha=0.8)
+    else:
+        sc = ax.scatter(z[:, 0], z[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=6, alpha=0.8)
     ax.set_title(title or default_title)
     return sc
 

@@ -118,3 +118,12 @@ def test_dynamic_binarization_trains_a_bernoulli_vae(digits, tmp_path):
     run = train(tiny_config(epochs=2, binarize=True), tmp_path / "run", data=digits, progress=False)
     assert run.vae.likelihood.__class__.__name__ == "Bernoulli"
     assert run.history[-1]["valid_elbo"] > run.history[0]["valid_elbo"]
+
+
+def test_beta_runs_keep_the_checkpoint_best_by_their_own_objective(digits, tmp_path):
+    """With beta != 1 the model is trained for E log p(x|z) - beta KL, and selected by it too."""
+    run = train(tiny_config(epochs=4, beta=0.0), tmp_path / "ae", data=digits, progress=False)
+    scores = [r["valid_beta_elbo"] for r in run.history]
+    assert run.info["best_epoch"] == 1 + scores.index(max(scores))
+    assert run.info["selected_by"].startswith("validation beta-ELBO")
+    assert run.info["best_valid_elbo"] == run.history[run.info["best_epoch"] - 1]["valid_elbo"]

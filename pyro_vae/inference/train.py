@@ -25,7 +25,7 @@ from ..models.priors import prior_reference
 from ..models.vae import VAE, build_vae
 from ..run_dir import (CHECKPOINT, CONFIG, HISTORY, INFO, WEIGHTS, Run, atomic_torch_save, atomic_write_json,
                        load_run, read_json)
-from .metrics import elbo_per_datapoint
+from .metrics import elbo_per_datapoint, rate_and_distortion
 from .objectives import KLWeight, check_objective, kl_weighted, make_elbo
 
 EVAL_SEED_OFFSET = 10_007  # validation/test Monte Carlo draws use their own stream, not the training one
@@ -186,9 +186,13 @@ def _fit(vae: VAE, config: Config, data: Dataset, out: Path, info: dict, checkpo
                                        + _kept(out, best_epoch))
             record = {"epoch": epoch + 1, "train_loss": total / n, "valid_elbo": valid_elbo,
                       "beta": weight.value, "seconds": time.perf_counter() - started}
+            score = valid_elbo
+            if config.beta != 1.0:  # select by the objective being trained: beta-ELBO = ELBO + (1 - beta) rate
+                score = valid_elbo + (1.0 - config.beta) * _mean_rate(vae, held_out["valid"], config.seed)
+                record["valid_beta_elbo"] = score
             history.append(record)
-            if valid_elbo > best:
-                best, best_epoch, stale = valid_elbo, epoch + 1, 0
+            if score > best:
+                best, best_epoch, stale = score, epoch + 1, 0
                 atomic_torch_save(out / WEIGHTS, vae.state_dict())
             else:
                 stale += 1
@@ -199,7 +203,9 @@ def _fit(vae: VAE, config: Config, data: Dataset, out: Path, info: dict, checkpo
                 "model": vae.state_dict(), "optim": optim.get_state(), "rng": rng, "epoch": epoch + 1,
                 "history": history, "best": best, "best_epoch": best_epoch, "stale": stale,
             })
-            info.update(status="running", epochs_completed=epoch + 1, best_epoch=best_epoch, best_valid_elbo=best)
+            best_elbo = history[best_epoch - 1]["valid_elbo"]
+            info.update(status="running", epochs_completed=epoch + 1, best_epoch=best_epoch, best_valid_elbo=best_elbo,
+                        selected_by="validation ELBO" if config.beta == 1.0 else f"validation beta-ELBO (beta={config.beta:g})")
             atomic_write_json(out / INFO, info)
             bar.set_postfix(epoch=epoch + 1, valid_elbo=f"{valid_elbo:.2f}", best=f"{best:.2f}")
             if on_epoch_end is not None:
@@ -228,6 +234,12 @@ def _fit(vae: VAE, config: Config, data: Dataset, out: Path, info: dict, checkpo
     atomic_write_json(out / INFO, info)
     run.info = info
     return run
+
+
+def _mean_rate(vae: VAE, x: torch.Tensor, seed: int) -> float:
+    """Mean KL(q(z|x) || p(z)) over x, closed form where registered (Monte Carlo draws from a fixed seed)."""
+    with seeded(seed + EVAL_SEED_OFFSET, x.device):
+        return rate_and_distortion(vae, x, num_particles=4)["rate"].mean().item()
 
 
 def _kept(out: Path, best_epoch) -> str:
