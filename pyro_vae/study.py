@@ -26,7 +26,7 @@ from .inference.evaluate import METRICS, PER_POINT, evaluate, held_out
 from .inference.metrics import ExPostMixture
 from .models.priors import PRIORS
 from .plots import draw_latent_space, plot_image_rows, plt, save_figure
-from .run_dir import CHECKPOINT, INFO, WEIGHTS, atomic_write_bytes, atomic_write_json, load_run, read_json
+from .run_dir import CHECKPOINT, INFO, atomic_write_bytes, atomic_write_json, load_run, read_json
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pyro_vae import load_run, train
+from pyro_vae import train
 from pyro_vae.cli import main
 from pyro_vae.inference.evaluate import evaluate
 from pyro_vae.inference.metrics import (aggregate_posterior, elbo_per_datapoint, gradient_energy,

@@ -2,7 +2,6 @@
 
 import warnings
 
-import pyro
 import pytest
 import torch
 from pyro import poutine

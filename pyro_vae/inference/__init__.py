@@ -4,5 +4,5 @@ from .metrics import elbo_per_datapoint, iw_log_likelihood, log_weights, mean_an
 from .objectives import KLWeight, check_analytic_kl, check_objective, kl_weighted, make_elbo
 from .train import evaluate_elbo, resume, train
 
-__all__ = ["train", "resume", "evaluate_elbo", "make_elbo", "KLWeight", "kl_weighted", "check_analytic_kl",
+__all__ = ["train", "resume", "evaluate_elbo", "make_elbo", "KLWeight", "kl_weighted", "check_analytic_kl", "check_objective",
            "elbo_per_datapoint", "iw_log_likelihood", "log_weights", "mean_and_stderr"]

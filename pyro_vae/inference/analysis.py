@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ import pyro.distributions as dist
 import torch
 
 from ..errors import PyroVAEError
-from ..run_dir import _UMASK, atomic_write_bytes, atomic_write_json
+from ..run_dir import atomic_path, atomic_write_bytes, atomic_write_json
 from .mcmc import NUTSResult, check_nuts_support, check_positive, pointwise_guide, run_nuts
 from .metrics import log_weights
 from .train import seeded
@@ -429,22 +428,10 @@ def format_report(analysis: Analysis, max_rows: int = 40) -> str:
 
 
 def save_inference_data(idata: az.InferenceData, path) -> Path:
-    """Write ``idata`` as NetCDF (h5netcdf, compressed) to a temporary name, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_UMASK)
-    os.close(fd)
-    try:
+    """Write ``idata`` as NetCDF (h5netcdf) to a temporary name, then rename it into place."""
+    with atomic_path(path) as tmp:
         idata.to_netcdf(tmp, engine="h5netcdf")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def load_inference_data(path) -> az.InferenceData:
@@ -547,8 +534,6 @@ def _selection(idata, max_obs: int, max_latents: int) -> dict:
 
 def plot_trace(idata: az.InferenceData, path, max_obs: int = 2, max_latents: int = 3) -> Path:
     """ArviZ trace plot of the NUTS chains (one colour per chain) for a few data points and latents."""
-    import matplotlib.pyplot as plt
-
     from ..plots import save_figure
 
     coords = _selection(idata, max_obs, max_latents)
