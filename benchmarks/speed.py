@@ -5,6 +5,7 @@
 Workloads (static binarized MNIST, the standard-normal MLP VAE 784-300-300-40, Bernoulli likelihood,
 batch 100, Trace_ELBO with one particle, Adam with per-parameter gradient clipping):
   train    one epoch (--train-images images) of SVI steps vs hand-written loss.backward()/step()
+  train-jit  the same with pyro-vae's --jit (JitTrace_ELBO)
   eval     importance-weighted log p(x), K = 1000, on --eval-images test images
   vamp     one training epoch with the VampPrior (K = 50 pseudo-inputs) vs its plain twin
 Each is repeated --repeats times, pyro-vae and plain alternating; the median time of each and the
@@ -100,11 +101,11 @@ def plain_iw(plain, x):
 # --------------------------------------------------------------------------- the pyro-vae side
 
 
-def pyro_svi(vae):
+def pyro_svi(vae, jit=False):
     pyro.clear_param_store()
     weight = KLWeight(1.0)
     return pyro.infer.SVI(kl_weighted(vae.model, weight), kl_weighted(vae.guide, weight),
-                          pyro.optim.ClippedAdam({"lr": 1e-3, "clip_norm": 10.0}), make_elbo("trace"))
+                          pyro.optim.ClippedAdam({"lr": 1e-3, "clip_norm": 10.0}), make_elbo("trace", jit=jit))
 
 
 def pyro_epoch(svi, x):
@@ -117,14 +118,14 @@ def workloads(data, device, args):
     train_x = data.train[: args.train_images].to(device)
     test_x = data.test[: args.eval_images].to(device)
     out = {}
-    for name, prior in (("train", "normal"), ("vamp", "vamp")):
+    for name, prior, jit in (("train", "normal", False), ("train-jit", "normal", True), ("vamp", "vamp", False)):
         torch.manual_seed(0)
         vae = pyro_vae.build_vae(config(prior, device.type), data.dim, data.image_shape, data.binary).to(device)
         twin = pyro_vae.build_vae(config(prior, device.type), data.dim, data.image_shape, data.binary).to(device)
         twin.load_state_dict(vae.state_dict())
         plain = PlainVAE(twin)
         optim = torch.optim.Adam(plain.parameters(), lr=1e-3)
-        svi = pyro_svi(vae)
+        svi = pyro_svi(vae, jit)
         out[name] = (lambda svi=svi: pyro_epoch(svi, train_x), lambda p=plain, o=optim: plain_epoch(p, o, train_x))
     torch.manual_seed(0)
     vae = pyro_vae.build_vae(config("normal", device.type), data.dim, data.image_shape, data.binary).to(device).eval()
@@ -177,6 +178,7 @@ def main():
 
     if args.memory_of:
         name, side = args.memory_of.split(":")
+        pyro.clear_param_store()
         gc.collect()
         before = _rss_mib()
         peak, done = [before], threading.Event()
@@ -205,6 +207,8 @@ def main():
 
     results = {}
     for name, (pyro_fn, plain_fn) in jobs.items():
+        # Pyro's param store is global: let this workload's module register its own parameters
+        pyro.clear_param_store()
         pyro_fn(), plain_fn()  # warm-up
         times = {"pyro-vae": [], "plain": []}
         for _ in range(args.repeats):

@@ -10,23 +10,29 @@ exactly the KL term (Monte Carlo or analytic) and nothing else.
 from __future__ import annotations
 
 import torch
-from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
+from pyro.infer import (ELBO, JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceMeanField_ELBO, RenyiELBO, Trace_ELBO,
+                        TraceEnum_ELBO, TraceMeanField_ELBO)
 from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
 from ..errors import PyroVAEError
 
 
-def make_elbo(objective: str, num_particles: int = 1, enumerated: bool = False) -> ELBO:
+def make_elbo(objective: str, num_particles: int = 1, enumerated: bool = False, jit: bool = False) -> ELBO:
     """``trace``: Trace_ELBO (TraceEnum_ELBO when the model has a discrete site to sum out);
     ``analytic``: TraceMeanField_ELBO (closed-form KL where registered);
-    ``iwae``: RenyiELBO(alpha=0), the importance-weighted bound with K = num_particles."""
+    ``iwae``: RenyiELBO(alpha=0), the importance-weighted bound with K = num_particles.
+    ``jit``: the torch.jit-compiled twin (JitTrace_ELBO, ...), for trace and analytic."""
     common = dict(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
     if objective == "trace":
-        return TraceEnum_ELBO(**common) if enumerated else Trace_ELBO(**common)
+        if enumerated:
+            return (JitTraceEnum_ELBO if jit else TraceEnum_ELBO)(**common)
+        return (JitTrace_ELBO if jit else Trace_ELBO)(**common)
     if objective == "analytic":
-        return TraceMeanField_ELBO(**common)
+        return (JitTraceMeanField_ELBO if jit else TraceMeanField_ELBO)(**common)
     if objective == "iwae":
+        if jit:
+            raise PyroVAEError("--jit has no compiled version of the iwae objective (RenyiELBO): drop --jit")
         return RenyiELBO(alpha=0.0, **common)
     raise PyroVAEError(f"unknown objective {objective!r}; choose trace, analytic or iwae")
 
@@ -40,6 +46,9 @@ def check_objective(config, vae, x: torch.Tensor) -> None:
         if config.beta != 1.0 or config.warmup_epochs:
             raise PyroVAEError(f"the prior {config.prior!r} is trained with TraceEnum_ELBO, where beta and "
                                "warm-up would scale log p(z | c), not the KL: use beta 1 without warm-up")
+    if config.jit and (config.warmup_epochs or config.objective == "iwae"):
+        raise PyroVAEError("--jit compiles beta into the objective and has no iwae version: "
+                           "use it without --warmup-epochs, with --objective trace or analytic")
     if config.objective == "analytic":
         check_analytic_kl(vae, x)
 

@@ -135,7 +135,7 @@ def _fit(vae: VAE, config: Config, data: Dataset, out: Path, info: dict, checkpo
     weight = KLWeight(config.beta, config.warmup_epochs)
     model = vae.enumerated_model if vae.enumerated else vae.model
     svi = SVI(kl_weighted(model, weight), kl_weighted(vae.guide, weight), optim,
-              make_elbo(config.objective, config.num_particles, vae.enumerated))
+              make_elbo(config.objective, config.num_particles, vae.enumerated, config.jit))
 
     train_x = data.train.to(device)
     held_out = {s: getattr(data, s).to(device) for s in ("valid", "test")}
