@@ -184,12 +184,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise PyroVAEError(f"--n must be >= 1, got {args.n}")
-    run = load_run(args.run)
-    x, _ = run.dataset().split(args.split)
-    if run.config.binarize:
-        from .inference.train import fixed_binarization
+    from .inference.evaluate import held_out
 
-        x = fixed_binarization(x, args.split)
+    run = load_run(args.run)
+    _, x, _ = held_out(run, args.split)  # binarized as in training, where it was
     out = args.out or run.figures / f"reconstructions-{args.split}.png"
     plot_reconstructions(run.vae, x, out, n=args.n)
     print(out)

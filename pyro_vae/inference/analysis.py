@@ -53,6 +53,7 @@ import torch
 from ..errors import PyroVAEError
 from ..run_dir import atomic_path, atomic_write_bytes, atomic_write_json
 from .mcmc import NUTSResult, check_nuts_support, check_positive, pointwise_guide, run_nuts
+from .evaluate import held_out
 from .metrics import log_weights
 from .train import seeded
 
@@ -696,8 +697,7 @@ def analyze_run(run_path, out=None, *, split: str = "test", obs: int | None = No
         check_positive(obs=obs)
     run = load_run(run_path)
     check_nuts_support(run.vae)
-    data = run.dataset()
-    x_all, labels_all = data.split(split)
+    _, x_all, labels_all = held_out(run, split)  # binarized as in training, where it was
     n = len(x_all)
     if indices is not None:
         indices = [int(i) for i in indices]
@@ -716,10 +716,6 @@ def analyze_run(run_path, out=None, *, split: str = "test", obs: int | None = No
         gen = torch.Generator().manual_seed(seed)
         indices = sorted(torch.randperm(n, generator=gen)[:count].tolist())
     x = x_all[indices]
-    if run.config.binarize:
-        from .train import fixed_binarization
-
-        x = fixed_binarization(x_all, split)[indices]
     labels = None if labels_all is None else labels_all[indices].tolist()
     out = Path(out) if out is not None else run.path / "analysis"
     if out.exists() and not out.is_dir():
