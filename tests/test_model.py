@@ -72,3 +72,27 @@ def test_importance_weighted_bound_is_above_the_elbo():
 def test_config_round_trips_through_json():
     cfg = Config(latent_dim=7, beta=0.5, binarize=True, data_root="/x")
     assert Config.from_json(cfg.to_json()) == cfg
+
+
+def test_bernoulli_pixels_is_bernoulli_to_event():
+    """The one-pass Bernoulli likelihood has Bernoulli(logits).to_event(1)'s density, shapes and draws,
+    with x broadcast against particles of z."""
+    import pyro.distributions as dist
+
+    from pyro_vae.models.likelihoods import BernoulliPixels
+
+    logits = torch.randn(6, 4, 10)  # (particles, batch, pixels)
+    x = torch.bernoulli(torch.rand(4, 10))
+    ours, reference = BernoulliPixels(logits), dist.Bernoulli(logits=logits).to_event(1)
+    assert torch.allclose(ours.log_prob(x), reference.log_prob(x), atol=1e-5)
+    assert (ours.batch_shape, ours.event_shape) == (reference.batch_shape, reference.event_shape)
+    assert torch.allclose(ours.mean, reference.mean)
+    expanded = BernoulliPixels(logits[0]).expand((3, 4))
+    assert isinstance(expanded, BernoulliPixels) and expanded.batch_shape == (3, 4)
+    assert torch.allclose(expanded.log_prob(x), reference.log_prob(x)[0].expand(3, 4), atol=1e-5)
+    torch.manual_seed(0)
+    draws = BernoulliPixels(logits).sample((2000,))
+    assert draws.shape == (2000, 6, 4, 10)
+    assert (draws.mean(0) - torch.sigmoid(logits)).abs().max() < 0.06
+    with pytest.raises(ValueError, match="support"):
+        BernoulliPixels(logits, validate_args=True).log_prob(x * 0.5)

@@ -6,9 +6,32 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 from torch import nn
-from torch.nn.functional import softplus
+from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 
 from ..errors import PyroVAEError
+
+
+class BernoulliPixels(dist.Independent):
+    """Bernoulli(logits).to_event(1) with the same density, computed in one pass:
+
+        log p(x | logits) = -sum_d BCE(logits_d, x_d)
+
+    summed before negating, and with x broadcast as a view. ``Bernoulli.log_prob`` negates the
+    full (particles, batch, pixels) tensor before ``Independent`` sums it: with K = 1000 particles
+    that one extra pass costs 10% of an importance-weighted evaluation."""
+
+    def __init__(self, logits: torch.Tensor, validate_args=None):
+        super().__init__(dist.Bernoulli(logits=logits, validate_args=False), 1, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return BernoulliPixels(self.base_dist.logits.expand(batch_shape + self.event_shape))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self.base_dist._validate_sample(value)
+        logits, value = torch.broadcast_tensors(self.base_dist.logits, value)
+        return binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1).neg()
 
 
 class Bernoulli(nn.Module):
@@ -17,7 +40,7 @@ class Bernoulli(nn.Module):
     requires_binary = True
 
     def forward(self, logits: torch.Tensor) -> dist.Distribution:
-        return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
+        return BernoulliPixels(logits, validate_args=False)
 
 
 class ContinuousBernoulli(nn.Module):
