@@ -158,6 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run directory: {run.path}")
     print(f"  epochs: {info['epochs_completed']}  best epoch: {info['best_epoch']}  "
           f"validation ELBO: {info['best_valid_elbo']:.3f}  test ELBO: {info['test_elbo']:.3f} nats")
+    print(f"  objective: {info['elbo']}" + ("" if info["compiled"] else f" (not compiled: {info['not_compiled_because']})"))
     print(f"  figures: {run.figures}/")
     return 0
 

@@ -83,8 +83,9 @@ class Config:
     num_particles: int = _opt("samples of z per data point in the objective (K for iwae)", default=1)
     beta: float = _opt("weight of the KL term (1 = the ELBO, 0 = an autoencoder)", default=1.0)
     warmup_epochs: float = _opt("linear KL warm-up: beta rises from 0 over this many epochs", default=0.0)
-    jit: bool = _opt("compile the ELBO with torch.jit (JitTrace_ELBO and friends): faster steps; "
-                     "needs a constant beta (no warm-up) and the trace or analytic objective", default=False)
+    jit: bool = _opt("compile the ELBO with torch.jit (JitTrace_ELBO and friends) where it applies: the trace "
+                     "and analytic objectives with a built-in prior other than flow; --no-jit never compiles",
+                     default=True)
     # optimisation
     epochs: int = _opt("maximum number of epochs", default=100)
     batch_size: int = _opt("mini-batch size", default=128)

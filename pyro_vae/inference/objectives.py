@@ -5,6 +5,10 @@
 
 beta multiplies the log-densities of the ``"z"`` site in model and guide alike, which scales
 exactly the KL term (Monte Carlo or analytic) and nothing else.
+
+Where the tracer handles the model (:func:`why_not_compiled`), training compiles the ELBO with
+torch.jit (Pyro's JitTrace_ELBO and friends): the Python work of tracing the model and guide is
+then done once instead of every step.
 """
 
 from __future__ import annotations
@@ -16,6 +20,18 @@ from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
 from ..errors import PyroVAEError
+from ..models.priors import TRACEABLE
+
+
+class CachedJitTraceMeanField_ELBO(JitTraceMeanField_ELBO):
+    """JitTraceMeanField_ELBO, traced once. Pyro 1.9.2 stores the compiled loss as ``_differentiable_loss``
+    but looks for ``_loss_and_surrogate_loss``, so it traces the model again on every step (slower
+    than not compiling at all); this sets the name it looks for."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        loss = super().differentiable_loss(model, guide, *args, **kwargs)
+        self._loss_and_surrogate_loss = self._differentiable_loss
+        return loss
 
 
 def make_elbo(objective: str, num_particles: int = 1, enumerated: bool = False, jit: bool = False) -> ELBO:
@@ -24,17 +40,32 @@ def make_elbo(objective: str, num_particles: int = 1, enumerated: bool = False, 
     ``iwae``: RenyiELBO(alpha=0), the importance-weighted bound with K = num_particles.
     ``jit``: the torch.jit-compiled twin (JitTrace_ELBO, ...), for trace and analytic."""
     common = dict(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
+    # the tracer's warnings come from shape checks in the distributions, which the trace may drop;
+    # check_trace would run the model twice more at compile time
+    compiled = dict(common, ignore_jit_warnings=True, jit_options={"check_trace": False})
     if objective == "trace":
         if enumerated:
-            return (JitTraceEnum_ELBO if jit else TraceEnum_ELBO)(**common)
-        return (JitTrace_ELBO if jit else Trace_ELBO)(**common)
+            return JitTraceEnum_ELBO(**compiled) if jit else TraceEnum_ELBO(**common)
+        return JitTrace_ELBO(**compiled) if jit else Trace_ELBO(**common)
     if objective == "analytic":
-        return (JitTraceMeanField_ELBO if jit else TraceMeanField_ELBO)(**common)
+        return CachedJitTraceMeanField_ELBO(**compiled) if jit else TraceMeanField_ELBO(**common)
     if objective == "iwae":
         if jit:
-            raise PyroVAEError("--jit has no compiled version of the iwae objective (RenyiELBO): drop --jit")
+            raise PyroVAEError("the iwae objective (RenyiELBO) has no compiled version: train it with --no-jit")
         return RenyiELBO(alpha=0.0, **common)
     raise PyroVAEError(f"unknown objective {objective!r}; choose trace, analytic or iwae")
+
+
+def why_not_compiled(config) -> str | None:
+    """Why ``config.jit`` does not compile this run's ELBO (None: it does)."""
+    if not config.jit:
+        return "--no-jit"
+    if config.objective == "iwae":
+        return "the iwae objective (RenyiELBO) has no compiled version"
+    if config.prior not in TRACEABLE:
+        return (f"the prior {config.prior!r} is not one the tracer is known to get right "
+                f"(compiled: the built-in priors other than flow)")
+    return None
 
 
 def check_objective(config, vae, x: torch.Tensor) -> None:
@@ -46,46 +77,56 @@ def check_objective(config, vae, x: torch.Tensor) -> None:
         if config.beta != 1.0 or config.warmup_epochs:
             raise PyroVAEError(f"the prior {config.prior!r} is trained with TraceEnum_ELBO, where beta and "
                                "warm-up would scale log p(z | c), not the KL: use beta 1 without warm-up")
-    if config.jit and (config.warmup_epochs or config.objective == "iwae"):
-        raise PyroVAEError("--jit compiles beta into the objective and has no iwae version: "
-                           "use it without --warmup-epochs, with --objective trace or analytic")
     if config.objective == "analytic":
         check_analytic_kl(vae, x)
 
 
 class KLWeight:
-    """beta(t) = beta * min(1, t / warmup_epochs), t in (fractional) epochs."""
+    """beta(t) = beta * min(1, t / warmup_epochs), t in (fractional) epochs.
 
-    def __init__(self, beta: float, warmup_epochs: float = 0.0):
+    ``tensor`` holds the current value on the training device, updated in place: the models take it
+    as an argument, so a compiled ELBO follows the warm-up instead of keeping the value it was traced with."""
+
+    def __init__(self, beta: float, warmup_epochs: float = 0.0, device=None):
         self.beta = beta
         self.warmup_epochs = warmup_epochs
         self.value = beta if warmup_epochs == 0 else 0.0
+        self.tensor = torch.tensor(self.value, device=device)
+
+    @property
+    def constant_one(self) -> bool:
+        """beta = 1 throughout: the plain ELBO, no scaling needed."""
+        return self.beta == 1.0 and self.warmup_epochs == 0
 
     def update(self, epoch_progress: float) -> float:
         if self.warmup_epochs > 0:
-            self.value = self.beta * min(1.0, epoch_progress / self.warmup_epochs)
+            value = self.beta * min(1.0, epoch_progress / self.warmup_epochs)
+            if value != self.value:
+                self.value = value
+                self.tensor.fill_(value)
         return self.value
 
 
 class ScaleSite(Messenger):
-    """Multiply one sample site's log-density by ``weight.value`` (which may be 0, unlike poutine.scale)."""
+    """Multiply one sample site's log-density by ``weight`` (a number or a tensor; it may be 0, unlike
+    poutine.scale)."""
 
-    def __init__(self, site: str, weight: KLWeight):
+    def __init__(self, site: str, weight):
         super().__init__()
         self.site = site
         self.weight = weight
 
     def _process_message(self, msg) -> None:
         if msg["type"] == "sample" and msg["name"] == self.site:
-            msg["scale"] = msg["scale"] * self.weight.value
+            msg["scale"] = msg["scale"] * self.weight
 
 
-def kl_weighted(fn, weight: KLWeight, site: str = "z"):
-    """``fn`` (a model or guide) with the log-density of ``site`` scaled by the KL weight."""
+def kl_weighted(fn, site: str = "z"):
+    """``fn(x)`` (a model or guide) as ``fn(x, beta)``, with the log-density of ``site`` scaled by beta."""
 
-    def wrapped(*args, **kwargs):
-        with ScaleSite(site, weight):
-            return fn(*args, **kwargs)
+    def wrapped(x, beta):
+        with ScaleSite(site, beta):
+            return fn(x)
 
     return wrapped
 
@@ -108,4 +149,4 @@ def _name(d) -> str:
     return f"{type(d).__name__}({_name(base)})" if base is not None else type(d).__name__
 
 
-__all__ = ["make_elbo", "check_objective", "KLWeight", "ScaleSite", "kl_weighted", "check_analytic_kl"]
+__all__ = ["make_elbo", "why_not_compiled", "check_objective", "KLWeight", "ScaleSite", "kl_weighted", "check_analytic_kl"]

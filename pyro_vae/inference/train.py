@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import pyro
@@ -26,7 +27,7 @@ from ..models.vae import VAE, build_vae
 from ..run_dir import (CHECKPOINT, CONFIG, HISTORY, INFO, WEIGHTS, Run, atomic_torch_save, atomic_write_json,
                        load_run, read_json)
 from .metrics import elbo_per_datapoint, rate_and_distortion
-from .objectives import KLWeight, check_objective, kl_weighted, make_elbo
+from .objectives import KLWeight, check_objective, kl_weighted, make_elbo, why_not_compiled
 
 EVAL_SEED_OFFSET = 10_007  # validation/test Monte Carlo draws use their own stream, not the training one
 
@@ -128,19 +129,66 @@ def default_run_path(config: Config) -> Path:
     return Path("runs") / f"{name}-{prior}-z{config.latent_dim}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def make_svi(vae: VAE, config: Config, weight: KLWeight) -> tuple[SVI, tuple]:
+    """SVI with ClippedAdam on the configured ELBO (``svi.elbo``), compiled where :func:`why_not_compiled`
+    allows, and the extra arguments each step passes after x: (beta,) as a tensor, or () when beta is
+    constantly 1 and model and guide run unwrapped. ``svi.step(x, *extra)`` is one training step."""
+    model = vae.enumerated_model if vae.enumerated else vae.model
+    guide = vae.guide
+    extra = ()
+    if not weight.constant_one:
+        model, guide, extra = kl_weighted(model), kl_weighted(guide), (weight.tensor,)
+    elbo = make_elbo(config.objective, config.num_particles, vae.enumerated, why_not_compiled(config) is None)
+    svi = SVI(model, guide, ClippedAdam({"lr": config.lr, "clip_norm": config.clip_norm}), elbo)
+    svi.elbo = elbo
+    return svi, extra
+
+
+def compile_steps(svi: SVI, vae: VAE, batches: list[torch.Tensor], extra: tuple, seed: int,
+                  binarize: bool = False) -> None:
+    """Run a compiled ELBO on each batch shape of an epoch before training: it is traced (and the
+    profiling executor settles) on a private random stream, and the gradients are dropped. A run
+    started here and one resumed here then draw the same training stream, step for step."""
+    with seeded(seed, batches[0].device), warnings.catch_warnings():
+        # torch 2.14 deprecates torch.jit.trace, which Pyro's Jit*_ELBO use; --no-jit avoids it
+        warnings.filterwarnings("ignore", message="`torch.jit.trace` is deprecated", category=FutureWarning)
+        for xb in batches:
+            xb = torch.bernoulli(xb) if binarize else xb
+            for _ in range(2):
+                svi.loss_and_grads(svi.model, svi.guide, xb, *extra)
+    for p in vae.parameters():
+        p.grad = None
+
+
 def _fit(vae: VAE, config: Config, data: Dataset, out: Path, info: dict, checkpoint, progress, on_epoch_end) -> Run:
     device = vae.device
     pyro.clear_param_store()
-    optim = ClippedAdam({"lr": config.lr, "clip_norm": config.clip_norm})
-    weight = KLWeight(config.beta, config.warmup_epochs)
-    model = vae.enumerated_model if vae.enumerated else vae.model
-    svi = SVI(kl_weighted(model, weight), kl_weighted(vae.guide, weight), optim,
-              make_elbo(config.objective, config.num_particles, vae.enumerated, config.jit))
+    weight = KLWeight(config.beta, config.warmup_epochs, device)
+    svi, extra = make_svi(vae, config, weight)
+    not_compiled = why_not_compiled(config)
 
     train_x = data.train.to(device)
     held_out = {s: getattr(data, s).to(device) for s in ("valid", "test")}
     if config.binarize:
         held_out = {s: fixed_binarization(x, s) for s, x in held_out.items()}
+    n, bs = len(train_x), config.batch_size
+    steps = math.ceil(n / bs)
+    if not_compiled is None:
+        shapes = [train_x[:bs]] + ([train_x[: n % bs]] if n % bs and n > bs else [])
+        try:
+            compile_steps(svi, vae, shapes, extra, seed=config.seed + 3 * EVAL_SEED_OFFSET, binarize=config.binarize)
+        except Exception as e:  # a model the tracer cannot follow: train it with the Python ELBO
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            not_compiled = f"torch.jit could not trace it ({type(e).__name__}: {first_line})"
+            for p in vae.parameters():
+                p.grad = None
+            svi, extra = make_svi(vae, dataclasses.replace(config, jit=False), weight)
+    optim = svi.optim
+    info["elbo"] = type(svi.elbo).__name__
+    info["compiled"] = not_compiled is None
+    info.pop("not_compiled_because", None)
+    if not_compiled is not None:
+        info["not_compiled_because"] = not_compiled
 
     history, start_epoch, best, best_epoch, stale = [], 0, -math.inf, None, 0
     if checkpoint is not None:
@@ -151,8 +199,6 @@ def _fit(vae: VAE, config: Config, data: Dataset, out: Path, info: dict, checkpo
         history, start_epoch = checkpoint["history"], checkpoint["epoch"]
         best, best_epoch, stale = checkpoint["best"], checkpoint["best_epoch"], checkpoint["stale"]
 
-    n, bs = len(train_x), config.batch_size
-    steps = math.ceil(n / bs)
     bar = tqdm(total=config.epochs * steps, initial=start_epoch * steps, disable=not progress, unit="step",
                desc=f"training {out.name}", dynamic_ncols=True)
     stopped_early = False
@@ -168,7 +214,7 @@ def _fit(vae: VAE, config: Config, data: Dataset, out: Path, info: dict, checkpo
                 if config.binarize:
                     xb = torch.bernoulli(xb)
                 try:
-                    loss = svi.step(xb)
+                    loss = svi.step(xb, *extra)
                 except ValueError:  # with validation on, NaN parameters fail the distributions' checks
                     if all(torch.isfinite(p).all() for p in vae.parameters()):
                         raise

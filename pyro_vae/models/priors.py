@@ -363,6 +363,12 @@ PRIORS: dict[str, Callable[[int, PriorOptions], nn.Module]] = {
 }
 """Built-in priors by command-line name: ``--prior NAME`` (options through ``--prior-*``)."""
 
+TRACEABLE = frozenset(PRIORS) - {"flow"}
+"""Built-in priors whose ELBO torch.jit traces correctly, so training compiles it by default
+(tests/test_objectives.py checks each against the uncompiled ELBO). Not the flow: Pyro's spline
+transforms fail in the traced graph on its second run. Nor a prior of the user's own, whose Python
+control flow a trace could silently freeze."""
+
 
 def _need_data_dim(options: PriorOptions) -> int:
     if options.data_dim is None:

@@ -1,0 +1,103 @@
+"""The compiled ELBOs (torch.jit): the same objective as the Python ones, for every prior they are used with."""
+
+import math
+
+import pyro
+import pytest
+import torch
+
+from pyro_vae import build_vae, train
+from pyro_vae.errors import PyroVAEError
+from pyro_vae.inference.metrics import log_weights
+from pyro_vae.inference.objectives import KLWeight, make_elbo, why_not_compiled
+from pyro_vae.inference.train import make_svi
+from pyro_vae.models.priors import PRIORS, TRACEABLE
+
+from conftest import tiny_config
+
+K = 1000  # particles: the compiled and the Python estimates agree within a few standard errors of this many
+
+
+def _vae(digits, **overrides):
+    cfg = tiny_config(latent_dim=3, **overrides)
+    torch.manual_seed(0)
+    pyro.clear_param_store()
+    return cfg, build_vae(cfg, digits.dim, digits.image_shape, digits.binary)
+
+
+def _stderr_of_sum(vae, x) -> float:
+    """The Monte Carlo standard error of a K-particle estimate of sum_n ELBO(x_n)."""
+    w = log_weights(vae, x, K).sum(1)  # (K,)
+    return w.std().item() / math.sqrt(K)
+
+
+@pytest.mark.parametrize("prior", sorted(TRACEABLE))
+def test_compiled_elbo_estimates_the_same_objective(prior, digits):
+    """For each prior training compiles: the compiled loss matches Trace_ELBO's, also after the batch
+    size changes (the last batch of an epoch), which is where a trace with frozen shapes would break."""
+    cfg, vae = _vae(digits, prior=prior)
+    model = vae.enumerated_model if vae.enumerated else vae.model
+    compiled = make_elbo("trace", K, vae.enumerated, jit=True)
+    python = make_elbo("trace", K, vae.enumerated, jit=False)
+    for n in (16, 16, 7):
+        x = digits.train[:n]
+        loss = compiled.loss_and_grads(model, vae.guide, x)
+        reference = python.loss(model, vae.guide, x)
+        assert math.isfinite(loss)
+        assert loss == pytest.approx(reference, abs=5 * _stderr_of_sum(vae, x) + 1e-3), (prior, n)
+
+
+def test_compiled_elbo_follows_the_kl_weight_during_warmup(digits):
+    """beta reaches the compiled ELBO as an argument, not as the constant it was traced with."""
+    cfg, vae = _vae(digits, warmup_epochs=1.0, num_particles=K)
+    weight = KLWeight(1.0, warmup_epochs=1.0)
+    svi, extra = make_svi(vae, cfg, weight)
+    assert type(svi.elbo).__name__ == "JitTrace_ELBO" and extra == (weight.tensor,)
+    x = digits.train[:16]
+    losses = {}
+    for t in (0.0, 1.0):  # traced at beta = 0 first
+        weight.update(t)
+        losses[t] = svi.loss_and_grads(svi.model, svi.guide, x, *extra)
+    rate = -log_weights(vae, x, K).mean(0).sum().item() - losses[0.0]  # sum_n KL(q(z|x_n) || p(z)), roughly
+    assert rate > 1.0
+    assert losses[1.0] - losses[0.0] == pytest.approx(rate, rel=0.1)
+
+
+def test_which_runs_compile(digits, tmp_path):
+    assert TRACEABLE == set(PRIORS) - {"flow"}
+    assert why_not_compiled(tiny_config()) is None
+    assert why_not_compiled(tiny_config(objective="analytic")) is None
+    assert "--no-jit" in why_not_compiled(tiny_config(jit=False))
+    assert "iwae" in why_not_compiled(tiny_config(objective="iwae"))
+    assert "flow" in why_not_compiled(tiny_config(prior="flow"))
+    assert "not one the tracer" in why_not_compiled(tiny_config(prior="my_priors:cauchy"))
+    with pytest.raises(PyroVAEError, match="no compiled version"):
+        make_elbo("iwae", 4, jit=True)
+    compiled = train(tiny_config(epochs=1), tmp_path / "c", data=digits, progress=False)
+    assert compiled.info["elbo"] == "JitTrace_ELBO" and compiled.info["compiled"]
+    flow = train(tiny_config(epochs=1, prior="flow"), tmp_path / "f", data=digits, progress=False)
+    assert flow.info["elbo"] == "Trace_ELBO" and not flow.info["compiled"]
+    assert "flow" in flow.info["not_compiled_because"]
+
+
+@pytest.mark.parametrize("objective,prior", [("trace", "normal"), ("analytic", "normal"), ("trace", "mog-enum")])
+def test_compiled_elbo_is_traced_once(objective, prior, digits, monkeypatch):
+    """Tracing is the expensive part; an ELBO that traces again each step is slower than none."""
+    traces = []
+    trace = torch.jit.trace
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: traces.append(1) or trace(*a, **k))
+    cfg, vae = _vae(digits, prior=prior, objective=objective)
+    svi, extra = make_svi(vae, cfg, KLWeight(1.0))
+    for n in (32, 32, 32, 9):
+        svi.step(digits.train[:n], *extra)
+    assert len(traces) == 1, type(svi.elbo).__name__
+
+
+def test_a_model_the_tracer_cannot_follow_trains_uncompiled(digits, tmp_path, monkeypatch):
+    """The spline flow breaks the traced graph on its second run; were it marked traceable, training
+    would still go on, with the Python ELBO, and say why."""
+    monkeypatch.setattr("pyro_vae.inference.objectives.TRACEABLE", TRACEABLE | {"flow"})
+    run = train(tiny_config(epochs=2, prior="flow"), tmp_path / "f", data=digits, progress=False)
+    assert run.info["elbo"] == "Trace_ELBO" and not run.info["compiled"]
+    assert run.info["not_compiled_because"].startswith("torch.jit could not trace it")
+    assert run.history[-1]["valid_elbo"] > run.history[0]["valid_elbo"]
