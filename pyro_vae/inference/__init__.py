@@ -1,8 +1,9 @@
 """Training and evaluation: objectives, the SVI loop, estimators."""
 
 from .metrics import elbo_per_datapoint, iw_log_likelihood, log_weights, mean_and_stderr
-from .objectives import KLWeight, check_analytic_kl, check_objective, kl_weighted, make_elbo
-from .train import evaluate_elbo, resume, train
+from .objectives import KLWeight, check_analytic_kl, check_objective, kl_weighted, make_elbo, why_not_compiled
+from .train import evaluate_elbo, make_svi, resume, train
 
-__all__ = ["train", "resume", "evaluate_elbo", "make_elbo", "KLWeight", "kl_weighted", "check_analytic_kl", "check_objective",
-           "elbo_per_datapoint", "iw_log_likelihood", "log_weights", "mean_and_stderr"]
+__all__ = ["train", "resume", "make_svi", "evaluate_elbo", "make_elbo", "why_not_compiled", "KLWeight", "kl_weighted",
+           "check_analytic_kl", "check_objective", "elbo_per_datapoint", "iw_log_likelihood", "log_weights",
+           "mean_and_stderr"]
