@@ -115,7 +115,10 @@ def test_density_integrates_to_one_in_2d(name, options, seed):
     with torch.no_grad():
         dens = _density(p, torch.stack([z0, z1], -1).reshape(-1, 2).float()).double().reshape(z0.shape)
     total = torch.trapezoid(torch.trapezoid(dens, x, dim=1), x).item()
-    assert total == pytest.approx(1.0, abs=1e-2)
+    tolerance = 1e-2
+    if name == "uniform":  # the box's edges fall between grid nodes: each of the two trapezoid sums
+        tolerance += (x[1] - x[0]).item() / (options.scale * math.sqrt(3))  # is off by up to h / (2 a)
+    assert total == pytest.approx(1.0, abs=tolerance)
 
 
 @settings(max_examples=15, deadline=None)
