@@ -5,7 +5,7 @@
 
 Trains (or, with an existing --out run, only evaluates) a one-stochastic-layer MLP VAE:
 784 -> 300 -> 300 -> z (40, N(0, I) prior, diagonal Normal guide) -> 300 -> 300 -> 784 (Bernoulli),
-Softplus activations, Adam lr 1e-3, batch 100, Trace_ELBO with one particle, early stopping on the
+Softplus activations, Adam lr 1e-3, batch 100, the one-particle ELBO (compiled: JitTrace_ELBO), early stopping on the
 validation ELBO (patience 20). Then log p(x) by importance sampling with K samples from the guide on
 all 10,000 test images, with its standard error. Results go to benchmarks/results/ as JSON.
 

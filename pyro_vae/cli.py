@@ -148,17 +148,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .inference.train import resume, train
 
     if args.resume is not None:
-        extra = set(vars(args)) & ({f.name for f in dataclasses.fields(Config)} - {"epochs"})
+        extra = set(vars(args)) & ({f.name for f in dataclasses.fields(Config)} - {"epochs", "jit"})
         if extra or args.config or args.out:
-            raise PyroVAEError("--resume takes the run's own config.json; only --epochs may be given with it")
-        run = resume(args.resume, epochs=getattr(args, "epochs", None), progress=not args.quiet)
+            raise PyroVAEError("--resume takes the run's own config.json; only --epochs and --jit/--no-jit may "
+                               "be given with it")
+        run = resume(args.resume, epochs=getattr(args, "epochs", None), jit=getattr(args, "jit", None),
+                     progress=not args.quiet)
     else:
         run = train(_config_from_args(args), args.out, progress=not args.quiet)
     info = run.info
     print(f"run directory: {run.path}")
     print(f"  epochs: {info['epochs_completed']}  best epoch: {info['best_epoch']}  "
           f"validation ELBO: {info['best_valid_elbo']:.3f}  test ELBO: {info['test_elbo']:.3f} nats")
-    print(f"  objective: {info['elbo']}" + ("" if info["compiled"] else f" (not compiled: {info['not_compiled_because']})"))
+    why = "" if info["compiled"] else f" (not compiled: {info['not_compiled_because']})"
+    print(f"  objective: {info['elbo']}{why}")
     print(f"  figures: {run.figures}/")
     return 0
 

@@ -90,7 +90,8 @@ class Config:
     epochs: int = _opt("maximum number of epochs", default=100)
     batch_size: int = _opt("mini-batch size", default=128)
     lr: float = _opt("Adam learning rate", default=1e-3)
-    clip_norm: float = _opt("gradient clipping: largest gradient norm per parameter", default=10.0)
+    clip_norm: float = _opt("gradient clipping (ClippedAdam): each gradient element clamped to "
+                            "[-clip_norm, clip_norm]", default=10.0)
     patience: int = _opt("early stopping: epochs without a better validation ELBO (0 = never stop)", default=20)
     seed: int = _opt("random seed (model initialisation, batches, Monte Carlo)", default=0)
     device: str = _opt("where to train", choices=DEVICES, default="cpu")

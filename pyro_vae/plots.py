@@ -152,8 +152,9 @@ def save_run_figures(run, data, test_x: torch.Tensor) -> None:
     figures = run.figures
     vae = run.vae
     order = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))[:2000]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(run.config.seed)
+    from .inference.train import seeded
+
+    with seeded(run.config.seed, vae.device):
         plot_samples(vae, figures / "samples.png")
     plot_reconstructions(vae, test_x[order.to(test_x.device)], figures / "reconstructions.png")
     plot_learning_curves(run.history, figures / "learning_curves.png")

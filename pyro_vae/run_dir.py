@@ -1,7 +1,8 @@
 """The run directory: everything that reads a trained model starts here.
 
     config.json     the Config, enough to rebuild the model
-    run.json        status (running / finished / interrupted / diverged), data shape, best epoch, test ELBO
+    run.json        status (running / finished / interrupted / diverged / failed), data shape, best epoch,
+                    test ELBO, which ELBO trained it (elbo, compiled, not_compiled_because)
     history.json    one record per epoch
     model.pt        the best weights so far (by validation ELBO)
     checkpoint.pt   the state at the end of the last finished epoch, for --resume

@@ -33,8 +33,10 @@ def test_train_sample_reconstruct(tmp_path):
     assert main(["reconstruct", str(out), "--n", "4"]) == 0
     assert (out / "figures" / "reconstructions-test.png").is_file()
     # extending a finished run: --resume with more epochs
-    assert main(["train", "--resume", str(out), "--epochs", "3", "--quiet"]) == 0
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--no-jit", "--quiet"]) == 0
     assert len(json.loads((out / "history.json").read_text())) == 3
+    assert json.loads((out / "run.json").read_text())["elbo"] == "Trace_ELBO"
+    assert "objective: JitTrace_ELBO" in stdout
 
 
 def test_help_lists_every_config_field():

@@ -96,3 +96,23 @@ def test_bernoulli_pixels_is_bernoulli_to_event():
     assert (draws.mean(0) - torch.sigmoid(logits)).abs().max() < 0.06
     with pytest.raises(ValueError, match="support"):
         BernoulliPixels(logits, validate_args=True).log_prob(x * 0.5)
+
+
+def test_moving_a_vae_moves_the_guide_bijection():
+    """biject_to(interval) holds the prior's bounds as tensors outside the module tree; .to() must
+    reach them (checked with a dtype change, the CPU stand-in for a device change)."""
+    from torch.distributions.transforms import AffineTransform
+
+    digits_dim, shape = 64, (8, 8)
+    vae = build_vae(Config(prior="uniform", latent_dim=3), digits_dim, shape, False).to(torch.float64)
+
+    def affine_parts(t):
+        if isinstance(t, AffineTransform):
+            return [t]
+        parts = list(getattr(t, "parts", ())) + [getattr(t, "base_transform", None)]
+        return [a for p in parts if p is not None for a in affine_parts(p)]
+
+    (affine,) = affine_parts(vae.guide_dist.transform)
+    assert affine.loc.dtype == affine.scale.dtype == torch.float64
+    z = vae.guide_dist(torch.rand(5, digits_dim, dtype=torch.float64)).rsample()
+    assert z.dtype == torch.float64 and z.abs().max() < 3 ** 0.5

@@ -140,3 +140,19 @@ def test_compiled_elbo_trains_like_the_python_one(digits, tmp_path):
         assert compiled.history[-1]["valid_elbo"] > compiled.history[0]["valid_elbo"]
         assert [r["beta"] for r in compiled.history] == [r["beta"] for r in python.history]
         assert compiled.history[-1]["valid_elbo"] == pytest.approx(python.history[-1]["valid_elbo"], abs=0.5)
+
+
+def test_an_unexpected_error_marks_the_run_failed_and_resume_can_drop_the_jit(digits, tmp_path):
+    def crash(epoch, record):
+        if epoch == 1:
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(tiny_config(epochs=2), tmp_path / "run", data=digits, progress=False, on_epoch_end=crash)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "failed" and "disk on fire" in info["error"]
+    assert info["elbo"] == "JitTrace_ELBO" and info["epochs_completed"] == 1
+    resumed = resume(tmp_path / "run", data=digits, jit=False, progress=False)
+    assert resumed.info["status"] == "finished" and resumed.info["elbo"] == "Trace_ELBO"
+    assert "--no-jit" in resumed.info["not_compiled_because"]
+    assert [r["epoch"] for r in resumed.history] == [1, 2]

@@ -28,10 +28,9 @@ def held_out(run: Run, split: str = "test"):
     """The run's held-out images (binarized as during training) and labels, on the model's device."""
     data = run.dataset()
     x, y = data.split(split)
-    x = x.to(run.vae.device)
     if run.config.binarize:
         x = fixed_binarization(x, split)
-    return data, x, y
+    return data, x.to(run.vae.device), y
 
 
 def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None, seed: int = 0,
@@ -95,10 +94,8 @@ def _sample_metrics(run: Run, data, x, labels, num_samples: int, seed: int) -> d
     n = min(num_samples, len(x))
     recon = vae.reconstruct(x[:n])
     prior_samples = vae.sample(num_samples)
-    train_x = data.train.to(x.device)
-    if run.config.binarize:
-        train_x = fixed_binarization(train_x, "train")
-    ex_post = ExPostMixture(vae, train_x[:10_000], seed=seed)
+    train_x = fixed_binarization(data.train, "train") if run.config.binarize else data.train
+    ex_post = ExPostMixture(vae, train_x[:10_000].to(x.device), seed=seed)
     ex_post_samples = vae.decode(ex_post.sample(num_samples))
     out = {
         "sharpness": {

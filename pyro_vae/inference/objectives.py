@@ -4,7 +4,8 @@
     beta-ELBO   = E_q[log p(x | z)] - beta * KL(...)        (beta = 0: a plain autoencoder)
 
 beta multiplies the log-densities of the ``"z"`` site in model and guide alike, which scales
-exactly the KL term (Monte Carlo or analytic) and nothing else.
+exactly the KL term (Monte Carlo or analytic) and nothing else. (Under the iwae objective it
+scales log p(z) - log q(z|x) inside each importance weight, which is not a KL weight.)
 
 Where the tracer handles the model (:func:`why_not_compiled`), training compiles the ELBO with
 torch.jit (Pyro's JitTrace_ELBO and friends): the Python work of tracing the model and guide is
@@ -149,4 +150,5 @@ def _name(d) -> str:
     return f"{type(d).__name__}({_name(base)})" if base is not None else type(d).__name__
 
 
-__all__ = ["make_elbo", "why_not_compiled", "check_objective", "KLWeight", "ScaleSite", "kl_weighted", "check_analytic_kl"]
+__all__ = ["make_elbo", "why_not_compiled", "check_objective", "KLWeight", "ScaleSite", "kl_weighted",
+           "check_analytic_kl", "CachedJitTraceMeanField_ELBO"]

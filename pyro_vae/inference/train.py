@@ -43,7 +43,9 @@ def resolve_device(name: str) -> torch.device:
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device):
     """Draw from a private random stream: the global (training) stream is left where it was."""
-    devices = [device.index or 0] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
@@ -54,7 +56,7 @@ BINARIZATION_SEEDS = {"valid": 0, "test": 1, "train": 2}
 
 def fixed_binarization(x: torch.Tensor, split: str) -> torch.Tensor:
     """One Bernoulli draw per pixel from a seed fixed per split: held-out data stay the same across
-    epochs, runs and commands."""
+    epochs, runs and commands. Drawn on the CPU (binarize before moving data to a GPU)."""
     gen = torch.Generator(device="cpu").manual_seed(BINARIZATION_SEEDS[split])
     return torch.bernoulli(x.cpu(), generator=gen).to(x.device)
 
@@ -98,14 +100,17 @@ def train(config: Config, out: str | os.PathLike | None = None, *, data: Dataset
 
 
 def resume(path: str | os.PathLike, *, data: Dataset | None = None, prior=None, epochs: int | None = None,
-           progress: bool = True, on_epoch_end=None) -> Run:
-    """Continue an interrupted run from the end of its last finished epoch (or train it for more ``epochs``)."""
+           jit: bool | None = None, progress: bool = True, on_epoch_end=None) -> Run:
+    """Continue an interrupted run from the end of its last finished epoch (or train it for more ``epochs``;
+    ``jit=False`` goes on with the Python ELBO)."""
     path = Path(path)
     if not (path / CHECKPOINT).is_file() or not (path / CONFIG).is_file():
         raise PyroVAEError(f"{path} holds no resumable run (no {CONFIG} or {CHECKPOINT})")
     config = Config.from_json((path / CONFIG).read_text())
     if epochs is not None:
         config = dataclasses.replace(config, epochs=epochs)
+    if jit is not None:
+        config = dataclasses.replace(config, jit=jit)
     config.validate()
     device = resolve_device(config.device)
     info = read_json(path / INFO)
@@ -168,9 +173,10 @@ def _fit(vae: VAE, config: Config, data: Dataset, out: Path, info: dict, checkpo
     not_compiled = why_not_compiled(config)
 
     train_x = data.train.to(device)
-    held_out = {s: getattr(data, s).to(device) for s in ("valid", "test")}
+    held_out = {s: getattr(data, s) for s in ("valid", "test")}
     if config.binarize:
         held_out = {s: fixed_binarization(x, s) for s, x in held_out.items()}
+    held_out = {s: x.to(device) for s, x in held_out.items()}
     n, bs = len(train_x), config.batch_size
     steps = math.ceil(n / bs)
     if not_compiled is None:
@@ -193,9 +199,9 @@ def _fit(vae: VAE, config: Config, data: Dataset, out: Path, info: dict, checkpo
     history, start_epoch, best, best_epoch, stale = [], 0, -math.inf, None, 0
     if checkpoint is not None:
         optim.set_state(checkpoint["optim"])
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        torch.set_rng_state(checkpoint["rng"]["cpu"].cpu())  # map_location moved it to the device
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu(), device)
         history, start_epoch = checkpoint["history"], checkpoint["epoch"]
         best, best_epoch, stale = checkpoint["best"], checkpoint["best_epoch"], checkpoint["stale"]
 
@@ -265,6 +271,10 @@ def _fit(vae: VAE, config: Config, data: Dataset, out: Path, info: dict, checkpo
         raise
     except TrainingDiverged:
         info.update(status="diverged")
+        atomic_write_json(out / INFO, info)
+        raise
+    except Exception as e:
+        info.update(status="failed", error=f"{type(e).__name__}: {e}"[:500])
         atomic_write_json(out / INFO, info)
         raise
     finally:

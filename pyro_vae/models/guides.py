@@ -135,6 +135,13 @@ class AmortizedGuide(nn.Module):
         q = self.family(self.encoder(x))
         return q if self.transform is None else dist.TransformedDistribution(q, [self.transform])
 
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` and friends also reach the tensors inside the transform (the bounds of
+        biject_to(interval(a, b))): it is not a module, so nn.Module would leave them behind."""
+        super()._apply(fn, recurse)
+        _apply_to_transform(self.transform, fn)
+        return self
+
     def location(self, x: torch.Tensor) -> torch.Tensor:
         """A point summary of q(z | x): the family's centre, mapped into the support."""
         loc = self.family.location(self.encoder(x))
@@ -190,6 +197,21 @@ def build_guide(guide: str, encoder_factory, latent_dim: int, prior: nn.Module, 
         temperature = float(getattr(prior, "temperature", temperature))
         family = RelaxedCategoricalFamily(latent_dim, temperature)
     return AmortizedGuide(encoder_factory(family.num_inputs), family, transform)
+
+
+def _apply_to_transform(transform, fn) -> None:
+    """Apply ``fn`` to every tensor attribute of a torch transform, through composed and wrapped parts."""
+    if transform is None:
+        return
+    for name, value in list(vars(transform).items()):
+        if torch.is_tensor(value):
+            setattr(transform, name, fn(value))
+    for part in getattr(transform, "parts", ()):
+        _apply_to_transform(part, fn)
+    _apply_to_transform(getattr(transform, "base_transform", None), fn)
+    inv = getattr(transform, "_inv", None)
+    if isinstance(inv, torch.distributions.transforms.Transform):
+        _apply_to_transform(inv, fn)
 
 
 def _bijection(support):
