@@ -25,7 +25,7 @@ import torch
 import pyro_vae
 from pyro_vae.inference.evaluate import held_out
 from pyro_vae.inference.metrics import iw_log_likelihood, mean_and_stderr
-from pyro_vae.inference.train import seeded
+from pyro_vae.seeding import seeded
 
 PUBLISHED = {"Burda et al. 2016, VAE (k=1)": -86.76, "Tomczak & Welling 2018, VAE standard prior": -88.56}
 

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .run_dir import atomic_write_bytes  # noqa: E402
+from .seeding import seeded  # noqa: E402
 
 
 def save_figure(fig, path) -> Path:
@@ -152,8 +153,6 @@ def save_run_figures(run, data, test_x: torch.Tensor) -> None:
     figures = run.figures
     vae = run.vae
     order = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))[:2000]
-    from .inference.train import seeded
-
     with seeded(run.config.seed, vae.device):
         plot_samples(vae, figures / "samples.png")
     plot_reconstructions(vae, test_x[order.to(test_x.device)], figures / "reconstructions.png")

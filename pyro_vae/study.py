@@ -27,6 +27,7 @@ from .inference.metrics import ExPostMixture
 from .models.priors import PRIORS
 from .plots import draw_latent_space, plot_image_rows, plt, save_figure
 from .run_dir import CHECKPOINT, INFO, atomic_write_bytes, atomic_write_json, load_run, read_json
+from .seeding import seeded
 
 
 @dataclasses.dataclass
@@ -246,8 +247,7 @@ def _figures(kind: str, group: list[Setting], out: Path, figures: Path, d: int) 
     data, x, y = held_out(any_run)
     shape = any_run.vae.image_shape
     made = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded(0, x.device):
         made["samples from each prior"] = plot_image_rows(
             {lab: r.vae.sample(12) for lab, r in runs.items()}, shape, figures / f"samples-z{d}.png",
             f"decoded z ~ p(z), latent size {d}")

@@ -55,7 +55,7 @@ from ..run_dir import atomic_path, atomic_write_bytes, atomic_write_json
 from .mcmc import NUTSResult, check_nuts_support, check_positive, pointwise_guide, run_nuts
 from .evaluate import held_out
 from .metrics import log_weights
-from .train import seeded
+from ..seeding import seeded
 
 with warnings.catch_warnings():  # ArviZ announces its coming refactor on import
     warnings.simplefilter("ignore", FutureWarning)

@@ -18,7 +18,8 @@ from ..errors import PyroVAEError
 from ..run_dir import Run, atomic_write_bytes, atomic_write_json
 from .metrics import (ExPostMixture, active_units, aggregate_posterior, elbo_per_datapoint, iw_log_likelihood,
                       mean_and_stderr, rate_and_distortion, sharpness_ratio)
-from .train import fixed_binarization, seeded
+from ..seeding import seeded
+from .train import fixed_binarization
 
 METRICS = "metrics.json"
 PER_POINT = "loglik_per_point.npy"

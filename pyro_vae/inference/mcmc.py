@@ -31,7 +31,7 @@ from torch.distributions.mixture_same_family import MixtureSameFamilyConstraint
 from tqdm.auto import tqdm
 
 from ..errors import PyroVAEError
-from .train import seeded
+from ..seeding import seeded
 
 SAMPLE_STATS = ("diverging", "step_size", "tree_depth", "n_steps", "acceptance_rate", "lp")
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data import Dataset, default_data_root
 from ..run_dir import atomic_write_bytes
+from ..seeding import seeded
 
 
 class ReferenceClassifier(nn.Module):
@@ -59,8 +60,7 @@ def reference_classifier(data: Dataset, cache_dir: str | Path | None = None, see
         saved = torch.load(path, map_location="cpu", weights_only=True)
         clf.load_state_dict(saved["state"])
         return clf.eval(), float(saved["test_accuracy"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         _fit_classifier(clf, data, progress)
     clf.eval()
     with torch.no_grad():

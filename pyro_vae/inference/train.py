@@ -4,7 +4,6 @@ the best weights and a resumable checkpoint written atomically after every epoch
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -26,6 +25,7 @@ from ..models.priors import prior_reference
 from ..models.vae import VAE, build_vae
 from ..run_dir import (CHECKPOINT, CONFIG, HISTORY, INFO, WEIGHTS, Run, atomic_torch_save, atomic_write_json,
                        load_run, read_json)
+from ..seeding import seeded
 from .metrics import elbo_per_datapoint, rate_and_distortion
 from .objectives import KLWeight, check_objective, kl_weighted, make_elbo, why_not_compiled
 
@@ -38,17 +38,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise PyroVAEError(f"unknown device {name!r}; choose cpu or cuda")
     return torch.device(name)
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device):
-    """Draw from a private random stream: the global (training) stream is left where it was."""
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 BINARIZATION_SEEDS = {"valid": 0, "test": 1, "train": 2}
