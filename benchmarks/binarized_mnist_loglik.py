@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 import pyro_vae
-from pyro_vae.inference.evaluate import held_out
 from pyro_vae.inference.metrics import iw_log_likelihood, mean_and_stderr
 from pyro_vae.seeding import seeded
 
@@ -47,7 +46,7 @@ def main():
     else:
         run = pyro_vae.train(config, out)
     train_seconds = time.perf_counter() - started
-    _, x, _ = held_out(run)
+    x, _ = run.split("test")
     started = time.perf_counter()
     with seeded(0, x.device):
         loglik = iw_log_likelihood(run.vae, x, num_particles=args.k, batch_size=max(1, 20_000_000 // (args.k * 784)))

@@ -188,21 +188,15 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise PyroVAEError(f"--n must be >= 1, got {args.n}")
-    from .inference.evaluate import held_out
-
     run = load_run(args.run)
-    _, x, _ = held_out(run, args.split)  # binarized as in training, where it was
+    x, _ = run.split(args.split)  # binarized as in training, where it was
     out = args.out or run.figures / f"reconstructions-{args.split}.png"
     plot_reconstructions(run.vae, x, out, n=args.n)
     print(out)
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate,
-            "compare": cmd_study, "sweep-beta": cmd_study}
-
-
-# --------------------------------------------------------------------------- pyro-vae analyze (issue 6)
+# --------------------------------------------------------------------------- pyro-vae analyze
 
 
 def _add_analyze_parser(sub) -> None:
@@ -234,15 +228,13 @@ def _add_analyze_parser(sub) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .inference.analysis import analyze_run
+    from .inference.settings import AnalysisSettings
 
-    for flag, value, least in (("--chains", args.chains, 1), ("--draws", args.draws, 1), ("--warmup", args.warmup, 0),
-                               ("--particles", args.particles, 1), ("--obs", args.obs, 1)):
-        if value is not None and value < least:
-            raise PyroVAEError(f"{flag} must be >= {least}, got {value}")
-    analysis, paths = analyze_run(
-        args.run, args.out, split=args.split, obs=args.obs, indices=args.indices, num_chains=args.chains,
-        num_draws=args.draws, warmup=args.warmup, seed=args.seed, optimise=args.optimise,
-        num_particles=args.particles, dense_mass=args.dense_mass, figures=args.figures, progress=not args.quiet)
+    settings = AnalysisSettings(num_chains=args.chains, num_draws=args.draws, warmup=args.warmup, seed=args.seed,
+                                dense_mass=args.dense_mass, optimise=args.optimise, num_particles=args.particles,
+                                figures=args.figures, progress=not args.quiet).validate()
+    analysis, paths = analyze_run(args.run, args.out, split=args.split, obs=args.obs, indices=args.indices,
+                                  settings=settings)
     print(analysis.report())
     out = paths["idata"].parent
     files = [p.name for p in paths.values() if p.parent == out] + (["figures/"] if args.figures else [])
@@ -250,9 +242,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS["analyze"] = cmd_analyze
-
-# --------------------------------------------------------------------------- end of pyro-vae analyze
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconstruct, "evaluate": cmd_evaluate,
+            "analyze": cmd_analyze, "compare": cmd_study, "sweep-beta": cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,6 @@ from typing import Any
 
 from .errors import PyroVAEError
 
-DATASETS = ("digits", "binarized-mnist", "fashion-mnist")
 LIKELIHOODS = ("auto", "bernoulli", "continuous-bernoulli", "gaussian")
 NETWORKS = ("mlp", "conv")
 OBJECTIVES = ("trace", "analytic", "iwae")

@@ -49,9 +49,27 @@ class Dataset:
         return self.train.shape[1]
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The raw images and labels of a split."""
         if name not in SPLITS:
             raise PyroVAEError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
         return getattr(self, name), getattr(self, f"{name}_labels")
+
+    def as_seen(self, name: str, binarize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A split as a run saw it held out: under dynamic binarization (``binarize``) one fixed
+        Bernoulli draw per pixel (:func:`fixed_binarization`), else the images themselves. Every
+        consumer of a trained run (validation, test ELBO, evaluate, analyze, the study) reads data here."""
+        x, y = self.split(name)
+        return (fixed_binarization(x, name) if binarize else x), y
+
+
+BINARIZATION_SEEDS = {"valid": 0, "test": 1, "train": 2}
+
+
+def fixed_binarization(x: torch.Tensor, split: str) -> torch.Tensor:
+    """One Bernoulli draw per pixel from a seed fixed per split: held-out data stay the same across
+    epochs, runs and commands. Drawn on the CPU (binarize before moving data to a GPU)."""
+    gen = torch.Generator(device="cpu").manual_seed(BINARIZATION_SEEDS[split])
+    return torch.bernoulli(x.cpu(), generator=gen).to(x.device)
 
 
 def default_data_root() -> Path:

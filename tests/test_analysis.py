@@ -19,7 +19,8 @@ from pyro_vae import PyroVAEError, build_vae, train
 from pyro_vae.cli import main
 from pyro_vae.inference.analysis import (analyze, compute_gaps, load_inference_data, save_analysis,
                                          save_inference_data)
-from pyro_vae.inference.mcmc import check_nuts_support, direct_potential, pointwise_guide, run_nuts
+from pyro_vae.inference.mcmc import check_nuts_support, direct_potential, run_nuts
+from pyro_vae.inference.pointwise import pointwise_guide
 from pyro_vae.models.linear_gaussian import (build_linear_gaussian_vae, exact_log_marginal, exact_posterior,
                                              gaussian_elbo, mean_field_gap, optimal_mean_field,
                                              posterior_moments, set_optimal_encoder)

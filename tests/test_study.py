@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import torch
 import pytest
 
 from pyro_vae.cli import main
@@ -80,3 +81,29 @@ def test_study_bad_input(tmp_path):
     assert main(["compare", "--priors", "normal,sphere", "--latent-dims", "2,8", "--out", str(tmp_path / "s"),
                  *TINY]) == 2
     assert not (tmp_path / "s").exists()
+
+
+def test_evaluate_and_the_study_fit_the_ex_post_mixture_to_the_same_binarized_images(digits, tmp_path, monkeypatch):
+    """Under --binarize the training images a run saw are binary; the ex-post mixture of evaluate and
+    of the study's figures is fitted to exactly those, not to the grey levels."""
+    from pyro_vae import load_run, train
+    from pyro_vae.data import fixed_binarization
+    from pyro_vae.inference.evaluate import evaluate
+    from pyro_vae.inference.metrics import ExPostMixture
+    from pyro_vae.study import Setting
+    from pyro_vae.study.figures import study_figures
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(epochs=1, binarize=True)
+    train(cfg, tmp_path / "study" / "runs" / "bin", data=digits, progress=False)
+    fitted = []
+    init = ExPostMixture.__init__
+    monkeypatch.setattr(ExPostMixture, "__init__", lambda self, vae, x, **kw: fitted.append(x) or init(self, vae, x, **kw))
+    evaluate(load_run(tmp_path / "study" / "runs" / "bin"), num_particles=5, num_samples=20, progress=False,
+             save=False)
+    study_figures([Setting("bin", cfg, "normal", 2, 0)], tmp_path / "study", tmp_path / "study" / "figures", 2)
+    assert len(fitted) == 2
+    expected = fixed_binarization(digits.train, "train")
+    for x in fitted:
+        assert torch.equal(x, expected[: len(x)]) and len(x) == len(digits.train)

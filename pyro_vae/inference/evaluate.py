@@ -6,32 +6,23 @@ on the same test set can be compared by paired differences.
 
 from __future__ import annotations
 
-import io
-import json
 import time
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import PyroVAEError
-from ..run_dir import Run, atomic_write_bytes, atomic_write_json
+from ..run_dir import METRICS, PER_POINT, Run
+from ..seeding import seeded
 from .metrics import (ExPostMixture, active_units, aggregate_posterior, elbo_per_datapoint, iw_log_likelihood,
                       mean_and_stderr, rate_and_distortion, sharpness_ratio)
-from ..seeding import seeded
-from .train import fixed_binarization
-
-METRICS = "metrics.json"
-PER_POINT = "loglik_per_point.npy"
 
 
-def held_out(run: Run, split: str = "test"):
-    """The run's held-out images (binarized as during training) and labels, on the model's device."""
-    data = run.dataset()
-    x, y = data.split(split)
-    if run.config.binarize:
-        x = fixed_binarization(x, split)
-    return data, x.to(run.vae.device), y
+def ex_post_mixture(run: Run, seed: int = 0, max_points: int = 10_000) -> ExPostMixture:
+    """The ex-post Gaussian mixture of a run (Ghosh et al. 2020), fitted to the codes of its first
+    ``max_points`` training images as training saw them (binarized under ``--binarize``): the one fit
+    that ``evaluate`` and the study's figures share."""
+    return ExPostMixture(run.vae, run.split("train")[0][:max_points], seed=seed)
 
 
 def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None, seed: int = 0,
@@ -41,7 +32,8 @@ def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None,
     if num_particles < 1 or num_samples < 2:
         raise PyroVAEError("--k must be >= 1 and --samples >= 2")
     vae = run.vae.eval()
-    data, x, labels = held_out(run)
+    data = run.dataset()
+    x, labels = run.split("test")
     if max_points is not None:
         if max_points < 2:
             raise PyroVAEError("--n-test must be >= 2")
@@ -77,10 +69,7 @@ def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None,
     bar.close()
     out["seconds"] = time.perf_counter() - started
     if save:
-        atomic_write_json(run.path / METRICS, out)
-        buffer = io.BytesIO()
-        np.save(buffer, loglik.cpu().numpy())
-        atomic_write_bytes(run.path / PER_POINT, buffer.getvalue())
+        run.files.write_metrics(out, loglik.cpu().numpy())
     return out
 
 
@@ -95,8 +84,7 @@ def _sample_metrics(run: Run, data, x, labels, num_samples: int, seed: int) -> d
     n = min(num_samples, len(x))
     recon = vae.reconstruct(x[:n])
     prior_samples = vae.sample(num_samples)
-    train_x = fixed_binarization(data.train, "train") if run.config.binarize else data.train
-    ex_post = ExPostMixture(vae, train_x[:10_000].to(x.device), seed=seed)
+    ex_post = ex_post_mixture(run, seed=seed)
     ex_post_samples = vae.decode(ex_post.sample(num_samples))
     out = {
         "sharpness": {
@@ -154,8 +142,4 @@ def format_table(metrics: dict) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def load_metrics(path) -> dict:
-    return json.loads((path / METRICS).read_text())
-
-
-__all__ = ["evaluate", "format_table", "held_out", "load_metrics", "METRICS", "PER_POINT"]
+__all__ = ["evaluate", "format_table", "ex_post_mixture", "METRICS", "PER_POINT"]

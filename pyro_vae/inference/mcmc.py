@@ -6,32 +6,28 @@
   Constrained priors (simplex, positive, interval, ...) are sampled in unconstrained space through
   Pyro's own ``biject_to`` transforms. Chains run one after another in this process (never in
   worker processes), each from its own seed, so the result depends on ``seed`` only.
-* :func:`pointwise_guide` optimises, for each data point alone, a guide of the amortized guide's own
-  family: the encoder's output for x_n becomes a free parameter, started at its amortized value and
-  moved by L-BFGS on that point's ELBO (the non-amortized guide of Cremer et al. 2018).
 * :func:`check_nuts_support` refuses, before any work, priors and latent sites NUTS cannot handle.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyro
 import torch
 from pyro import poutine
-from pyro.infer import MCMC, NUTS, Trace_ELBO
+from pyro.infer import MCMC, NUTS
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import biject_to
-from torch.distributions.mixture_same_family import MixtureSameFamilyConstraint
 from tqdm.auto import tqdm
 
 from ..errors import PyroVAEError
+from ..models.supports import describe, unwrap_mixture
 from ..seeding import seeded
+from .settings import AnalysisSettings, settings_from
 
 SAMPLE_STATS = ("diverging", "step_size", "tree_depth", "n_steps", "acceptance_rate", "lp")
 
@@ -39,33 +35,21 @@ SAMPLE_STATS = ("diverging", "step_size", "tree_depth", "n_steps", "acceptance_r
 # --------------------------------------------------------------------------- what NUTS can sample
 
 
-def _describe(support) -> str:
-    return repr(support).replace("\n", " ")
-
-
-def _unwrap_mixture(support):
-    """A mixture of one family (``MixtureSameFamily``) lives where its components do: torch gives its
-    support a constraint of its own, with no ``biject_to``, so look through it."""
-    while isinstance(support, MixtureSameFamilyConstraint):
-        support = support.base_constraint
-    return support
-
-
 def support_transform(support, what: str = "z"):
     """``biject_to(support)`` (looking through mixtures): the map from unconstrained space that NUTS
     samples in. :class:`PyroVAEError` naming the support where there is none (a discrete support,
     or e.g. ``constraints.sphere``)."""
-    base = _unwrap_mixture(support)
+    base = unwrap_mixture(support)
     if base.is_discrete:
         raise PyroVAEError(
-            f"NUTS cannot sample {what}: its support {_describe(support)} is discrete "
+            f"NUTS cannot sample {what}: its support {describe(support)} is discrete "
             "(HMC/NUTS needs a continuous latent with a gradient)"
         )
     try:
         return biject_to(base)
     except NotImplementedError:
         raise PyroVAEError(
-            f"NUTS cannot sample {what}: its support {_describe(support)} has no bijection to unconstrained "
+            f"NUTS cannot sample {what}: its support {describe(support)} has no bijection to unconstrained "
             "space (torch.distributions.biject_to), which Pyro's NUTS needs"
         ) from None
 
@@ -158,12 +142,6 @@ class NUTSResult:
         return int(self.stats["diverging"].sum())
 
 
-def check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise PyroVAEError(f"{name} must be a positive integer, got {value!r}")
-
-
 @contextlib.contextmanager
 def single_thread():
     """Run torch on one thread. NUTS and L-BFGS make long sequences of tiny tensor operations, for which
@@ -247,11 +225,10 @@ def _init_to_uniform(transforms: dict):
     return init
 
 
-def run_nuts(vae, x: torch.Tensor, num_chains: int = 4, num_draws: int = 500, warmup: int = 500, seed: int = 0,
-             target_accept_prob: float = 0.8, max_tree_depth: int = 10, dense_mass: bool = False,
-             progress: bool = True) -> NUTSResult:
+def run_nuts(vae, x: torch.Tensor, settings: AnalysisSettings | None = None, **overrides) -> NUTSResult:
     """NUTS draws from p(z | x_n) for each row x_n of ``x`` under the trained model.
 
+    From :class:`~pyro_vae.inference.settings.AnalysisSettings` (``settings``, or its fields as keywords):
     ``num_chains`` chains of ``warmup`` adaptation steps (step size and mass matrix: diagonal, or with
     ``dense_mass`` a full one over all N * latent_dim coordinates, which pays off for correlated
     posteriors of a few dimensions) and ``num_draws`` kept draws; chain c starts uniformly in (-2, 2) in
@@ -261,9 +238,8 @@ def run_nuts(vae, x: torch.Tensor, num_chains: int = 4, num_draws: int = 500, wa
     For a plain :class:`~pyro_vae.models.vae.VAE` the potential is computed directly
     (:func:`direct_potential`); a subclass with its own ``model`` is sampled through Pyro's tracing of
     that model, whatever its sites (discrete ones are refused by :func:`check_nuts_support`)."""
-    check_positive(num_chains=num_chains, num_draws=num_draws)
-    if not isinstance(warmup, (int, np.integer)) or warmup < 0:
-        raise PyroVAEError(f"warmup must be a non-negative integer, got {warmup!r}")
+    s = settings_from(settings, overrides)
+    num_chains, num_draws, warmup, seed, progress = s.num_chains, s.num_draws, s.warmup, s.seed, s.progress
     x = x.to(vae.device)
     transforms = check_nuts_support(vae, x)
     started = time.perf_counter()
@@ -279,7 +255,7 @@ def run_nuts(vae, x: torch.Tensor, num_chains: int = 4, num_draws: int = 500, wa
                                 f"step size {kernel.step_size:.3g}, divergences {len(kernel._divergences)}",
                                 refresh=False)
 
-    common = dict(target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth, full_mass=dense_mass)
+    common = dict(target_accept_prob=s.target_accept_prob, max_tree_depth=s.max_tree_depth, full_mass=s.dense_mass)
     try:
         with frozen(vae), single_thread():
             direct = is_plain_vae(vae)
@@ -310,86 +286,9 @@ def run_nuts(vae, x: torch.Tensor, num_chains: int = 4, num_draws: int = 500, wa
     z = torch.stack(chains)  # (chain, draw, N, d)
     stats = {name: np.array([[r[name] for r in chain_records] for chain_records in records]) for name in SAMPLE_STATS}
     return NUTSResult(z=z, stats=stats, warmup=warmup, seed=seed, seconds=time.perf_counter() - started,
-                      extra={"target_accept_prob": target_accept_prob, "max_tree_depth": max_tree_depth,
-                             "dense_mass": dense_mass, "potential": "direct" if direct else "pyro-trace"})
+                      extra={"target_accept_prob": s.target_accept_prob, "max_tree_depth": s.max_tree_depth,
+                             "dense_mass": s.dense_mass, "potential": "direct" if direct else "pyro-trace"})
 
 
-# --------------------------------------------------------------------------- the non-amortized guide
-
-
-class FreeOutputs(nn.Module):
-    """Stands in for an encoder: returns one free row of parameters per data point, whatever x is."""
-
-    def __init__(self, initial: torch.Tensor):
-        super().__init__()
-        self.outputs = nn.Parameter(initial.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] != self.outputs.shape[0]:
-            raise PyroVAEError(f"this per-point guide was fit to {self.outputs.shape[0]} data points, "
-                               f"got a batch of {x.shape[-2]}")
-        return self.outputs
-
-
-def pointwise_guide(vae, x: torch.Tensor, max_iter: int = 200, num_particles: int = 1024, seed: int = 0,
-                    progress: bool = True):
-    """A copy of ``vae`` whose guide is the amortized guide's family fit to each row of ``x`` alone.
-
-    The guide module must compute its parameters as ``self.encoder(x)`` (as
-    :class:`~pyro_vae.models.guides.AmortizedNormal` does): the encoder is replaced by one free row of
-    parameters per data point, started at the encoder's outputs, and L-BFGS (at most ``max_iter``
-    iterations, strong-Wolfe line search) maximises the ELBO (``Trace_ELBO`` over ``num_particles``
-    vectorized draws). The draws' noise is fixed for the whole optimisation (the same seed for every
-    evaluation: a sample-average approximation), which makes the objective smooth and deterministic;
-    its optimum is within O(1/num_particles) nats of the exact one. Data points do not interact: each
-    row only enters its own ELBO. The copy's guide only accepts these N data points; ``vae`` itself is
-    not changed."""
-    check_positive(max_iter=max_iter, num_particles=num_particles)
-    if not isinstance(getattr(vae.guide_dist, "encoder", None), nn.Module):
-        raise PyroVAEError(f"the guide {type(vae.guide_dist).__name__} has no encoder module to replace by "
-                           "per-point parameters")
-    x = x.to(vae.device)
-    fitted = copy.deepcopy(vae)
-    with torch.no_grad():
-        initial = vae.guide_dist.encoder(x)
-    free = FreeOutputs(initial)
-    # a guide of its own: the copied prior may hold the copied guide (the VampPrior does), and must keep it
-    fitted.guide_dist = copy.deepcopy(vae.guide_dist)
-    fitted.guide_dist.encoder = free
-    elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
-    optim = torch.optim.LBFGS([free.outputs], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6,
-                              tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
-    bar = tqdm(total=max_iter, disable=not progress, desc="per-point guide", unit="eval", dynamic_ncols=True)
-    best = {"loss": float("inf")}
-
-    def closure():
-        optim.zero_grad()
-        with seeded(seed, x.device):
-            loss = elbo.differentiable_loss(fitted.model, fitted.guide, x)
-        loss.backward()
-        best["loss"] = min(best["loss"], loss.item())
-        if bar.n < bar.total:
-            bar.update()
-        bar.set_postfix(elbo=f"{-best['loss'] / len(x):.3f}", refresh=False)
-        return loss
-
-    others = [p for p in fitted.parameters() if p is not free.outputs]
-    for p in others:
-        p.requires_grad_(False)
-    fitted.eval()
-    try:
-        with pyro.validation_enabled(False), single_thread():
-            optim.step(closure)
-        bar.total = bar.n  # converged early: show the bar as complete
-        bar.refresh()
-    finally:
-        bar.close()
-    if not torch.isfinite(free.outputs).all():
-        raise PyroVAEError("the per-point guide's optimisation diverged (non-finite parameters)")
-    free.outputs.requires_grad_(False)
-    return fitted
-
-
-__all__ = ["check_nuts_support", "support_transform", "run_nuts", "unconstrained_log_joint", "direct_potential", "is_plain_vae",
-           "NUTSResult", "RecordingNUTS", "pointwise_guide", "FreeOutputs",
-           "SAMPLE_STATS", "frozen"]
+__all__ = ["check_nuts_support", "support_transform", "run_nuts", "unconstrained_log_joint", "direct_potential",
+           "is_plain_vae", "NUTSResult", "RecordingNUTS", "SAMPLE_STATS", "frozen", "single_thread"]

@@ -21,7 +21,9 @@ from pyro.poutine.messenger import Messenger
 from torch.distributions import kl_divergence
 
 from ..errors import PyroVAEError
-from ..models.priors import TRACEABLE
+
+OBJECTIVES = ("trace", "analytic", "iwae")
+"""The objectives ``--objective`` names (see :func:`make_elbo`)."""
 
 
 class CachedJitTraceMeanField_ELBO(JitTraceMeanField_ELBO):
@@ -57,15 +59,17 @@ def make_elbo(objective: str, num_particles: int = 1, enumerated: bool = False, 
     raise PyroVAEError(f"unknown objective {objective!r}; choose trace, analytic or iwae")
 
 
-def why_not_compiled(config) -> str | None:
-    """Why ``config.jit`` does not compile this run's ELBO (None: it does)."""
+def why_not_compiled(config, prior) -> str | None:
+    """Why ``config.jit`` does not compile the ELBO of a run with ``prior`` (None: it does). Only priors
+    that declare themselves ``traceable`` are compiled: a trace could silently freeze the Python control
+    flow of any other."""
     if not config.jit:
         return "--no-jit"
     if config.objective == "iwae":
         return "the iwae objective (RenyiELBO) has no compiled version"
-    if config.prior not in TRACEABLE:
+    if not prior.traceable:
         return (f"the prior {config.prior!r} is not one the tracer is known to get right "
-                f"(compiled: the built-in priors other than flow)")
+                f"(compiled: the built-in priors other than flow, and priors that declare traceable = True)")
     return None
 
 
@@ -150,5 +154,5 @@ def _name(d) -> str:
     return f"{type(d).__name__}({_name(base)})" if base is not None else type(d).__name__
 
 
-__all__ = ["make_elbo", "why_not_compiled", "check_objective", "KLWeight", "ScaleSite", "kl_weighted",
+__all__ = ["OBJECTIVES", "make_elbo", "why_not_compiled", "check_objective", "KLWeight", "ScaleSite", "kl_weighted",
            "check_analytic_kl", "CachedJitTraceMeanField_ELBO"]

@@ -1,5 +1,10 @@
 """The SVI loop: mini-batches of the training set, a validation ELBO each epoch, early stopping,
 the best weights and a resumable checkpoint written atomically after every epoch, and a progress bar.
+
+One run goes through: set-up (:func:`_setup`, shared by :func:`train` and :func:`resume`), the
+compiled ELBO or the Python one if tracing fails (:func:`_compile_or_fall_back`), the state restored
+from a checkpoint (:func:`_restore`), one epoch at a time (:func:`_train_epoch`), the checkpoint
+selected and saved (:func:`_select_and_save`), and the test ELBO and figures (:func:`_finish`).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import os
 import platform
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
@@ -23,8 +29,7 @@ from ..data import Dataset, load_dataset
 from ..errors import PyroVAEError, TrainingDiverged
 from ..models.priors import prior_reference
 from ..models.vae import VAE, build_vae
-from ..run_dir import (CHECKPOINT, CONFIG, HISTORY, INFO, WEIGHTS, Run, atomic_torch_save, atomic_write_json,
-                       load_run, read_json)
+from ..run_dir import OBJECT_PRIOR, Checkpoint, Run, RunFiles, load_run, prior_for
 from ..seeding import seeded
 from .metrics import elbo_per_datapoint, rate_and_distortion
 from .objectives import KLWeight, check_objective, kl_weighted, make_elbo, why_not_compiled
@@ -40,21 +45,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-BINARIZATION_SEEDS = {"valid": 0, "test": 1, "train": 2}
-
-
-def fixed_binarization(x: torch.Tensor, split: str) -> torch.Tensor:
-    """One Bernoulli draw per pixel from a seed fixed per split: held-out data stay the same across
-    epochs, runs and commands. Drawn on the CPU (binarize before moving data to a GPU)."""
-    gen = torch.Generator(device="cpu").manual_seed(BINARIZATION_SEEDS[split])
-    return torch.bernoulli(x.cpu(), generator=gen).to(x.device)
-
-
 def evaluate_elbo(vae: VAE, x: torch.Tensor, seed: int, num_particles: int = 1) -> float:
     """Mean ELBO per data point, with Monte Carlo draws from a fixed seed."""
     vae.eval()
     with seeded(seed, x.device):
         return elbo_per_datapoint(vae, x, num_particles).mean().item()
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def _setup(config: Config, data: Dataset | None, prior) -> tuple[VAE, Dataset]:
+    """Validate, load the data, build the model on its device and check the objective: every check on
+    the input, before anything is written."""
+    config.validate()
+    device = resolve_device(config.device)
+    if data is None:
+        data = load_dataset(config.dataset, config.data_root, download=config.download)
+    pyro.set_rng_seed(config.seed)
+    vae = build_vae(config, data.dim, data.image_shape, data.binary, prior=prior).to(device)
+    check_objective(config, vae, data.valid[:1].to(device))
+    return vae, data
 
 
 def train(config: Config, out: str | os.PathLike | None = None, *, data: Dataset | None = None, prior=None,
@@ -63,64 +74,54 @@ def train(config: Config, out: str | os.PathLike | None = None, *, data: Dataset
 
     Every check on the input runs before anything is written. ``prior`` (an object) overrides
     ``config.prior``; ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint."""
-    config.validate()
-    device = resolve_device(config.device)
-    if data is None:
-        data = load_dataset(config.dataset, config.data_root, download=config.download)
     if prior is not None:
         config = dataclasses.replace(config, prior=prior_reference(prior))
-    pyro.set_rng_seed(config.seed)
-    vae = build_vae(config, data.dim, data.image_shape, data.binary, prior=prior).to(device)
-    check_objective(config, vae, data.valid[:1].to(device))
+    vae, data = _setup(config, data, prior)
     out = Path(out) if out is not None else default_run_path(config)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PyroVAEError(f"{out} already exists and is not empty (resume it with --resume {out}, or pick --out)")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / CONFIG, config.to_dict())
+    files = RunFiles(out)
+    files.write_config(config)
     info = {
-        "status": "running",
         "data": {"name": data.name, "dim": data.dim, "image_shape": list(data.image_shape), "binary": data.binary,
                  "n_train": len(data.train), "n_valid": len(data.valid), "n_test": len(data.test)},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "pyro": pyro.__version__},
     }
-    atomic_write_json(out / INFO, info)
-    return _fit(vae, config, data, out, info, checkpoint=None, progress=progress, on_epoch_end=on_epoch_end)
+    files.set_status(info, "running")
+    return _fit(vae, config, data, files, info, checkpoint=None, progress=progress, on_epoch_end=on_epoch_end)
 
 
 def resume(path: str | os.PathLike, *, data: Dataset | None = None, prior=None, epochs: int | None = None,
            jit: bool | None = None, progress: bool = True, on_epoch_end=None) -> Run:
     """Continue an interrupted run from the end of its last finished epoch (or train it for more ``epochs``;
     ``jit=False`` goes on with the Python ELBO)."""
-    path = Path(path)
-    if not (path / CHECKPOINT).is_file() or not (path / CONFIG).is_file():
-        raise PyroVAEError(f"{path} holds no resumable run (no {CONFIG} or {CHECKPOINT})")
-    config = Config.from_json((path / CONFIG).read_text())
+    files = RunFiles(path)
+    if not files.has_checkpoint() or not (files / "config.json").is_file():
+        raise PyroVAEError(f"{files.path} holds no resumable run (no config.json or checkpoint.pt)")
+    config = files.read_config()
     if epochs is not None:
         config = dataclasses.replace(config, epochs=epochs)
     if jit is not None:
         config = dataclasses.replace(config, jit=jit)
-    config.validate()
-    device = resolve_device(config.device)
-    info = read_json(path / INFO)
-    if data is None:
-        data = load_dataset(config.dataset, config.data_root, download=config.download)
-    if prior is None and config.prior == "<object>":
-        raise PyroVAEError(f"{path} was trained with a prior given as a Python object: pass it again as prior=")
-    vae = build_vae(config, data.dim, data.image_shape, data.binary, prior=prior).to(device)
-    check_objective(config, vae, data.valid[:1].to(device))
-    checkpoint = torch.load(path / CHECKPOINT, map_location=device, weights_only=True)
-    vae.load_state_dict(checkpoint["model"])
-    if checkpoint["epoch"] >= config.epochs and info.get("status") == "finished":
-        raise PyroVAEError(f"{path} already finished {checkpoint['epoch']} epochs; pass more epochs to go on")
-    atomic_write_json(path / CONFIG, config.to_dict())
-    return _fit(vae, config, data, path, info, checkpoint=checkpoint, progress=progress, on_epoch_end=on_epoch_end)
+    info = files.read_info()
+    vae, data = _setup(config, data, prior_for(config, prior, files.path))
+    checkpoint = files.load_checkpoint(vae.device)
+    vae.load_state_dict(checkpoint.model)
+    if checkpoint.epoch >= config.epochs and info.get("status") == "finished":
+        raise PyroVAEError(f"{files.path} already finished {checkpoint.epoch} epochs; pass more epochs to go on")
+    files.write_config(config)
+    return _fit(vae, config, data, files, info, checkpoint=checkpoint, progress=progress, on_epoch_end=on_epoch_end)
 
 
 def default_run_path(config: Config) -> Path:
     name = Path(config.dataset).stem if config.dataset.endswith((".npy", ".pt", ".pth")) else config.dataset
     prior = config.prior.replace(":", "_").replace("<", "").replace(">", "")
     return Path("runs") / f"{name}-{prior}-z{config.latent_dim}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# --------------------------------------------------------------------------- the step, compiled or not
 
 
 def make_svi(vae: VAE, config: Config, weight: KLWeight) -> tuple[SVI, tuple]:
@@ -132,7 +133,8 @@ def make_svi(vae: VAE, config: Config, weight: KLWeight) -> tuple[SVI, tuple]:
     extra = ()
     if not weight.constant_one:
         model, guide, extra = kl_weighted(model), kl_weighted(guide), (weight.tensor,)
-    elbo = make_elbo(config.objective, config.num_particles, vae.enumerated, why_not_compiled(config) is None)
+    jit = why_not_compiled(config, vae.prior) is None
+    elbo = make_elbo(config.objective, config.num_particles, vae.enumerated, jit)
     svi = SVI(model, guide, ClippedAdam({"lr": config.lr, "clip_norm": config.clip_norm}), elbo)
     svi.elbo = elbo
     return svi, extra
@@ -154,130 +156,166 @@ def compile_steps(svi: SVI, vae: VAE, batches: list[torch.Tensor], extra: tuple,
         p.grad = None
 
 
-def _fit(vae: VAE, config: Config, data: Dataset, out: Path, info: dict, checkpoint, progress, on_epoch_end) -> Run:
+def _compile_or_fall_back(vae: VAE, config: Config, weight: KLWeight, train_x: torch.Tensor):
+    """(svi, extra, why not compiled or None): the compiled ELBO, traced on each batch shape of an epoch,
+    or, where the tracer cannot follow the model, the Python ELBO with the reason."""
+    svi, extra = make_svi(vae, config, weight)
+    not_compiled = why_not_compiled(config, vae.prior)
+    if not_compiled is not None:
+        return svi, extra, not_compiled
+    n, bs = len(train_x), config.batch_size
+    shapes = [train_x[:bs]] + ([train_x[: n % bs]] if n % bs and n > bs else [])
+    try:
+        compile_steps(svi, vae, shapes, extra, seed=config.seed + 3 * EVAL_SEED_OFFSET, binarize=config.binarize)
+    except Exception as e:  # a model the tracer cannot follow: train it with the Python ELBO
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        for p in vae.parameters():
+            p.grad = None
+        svi, extra = make_svi(vae, dataclasses.replace(config, jit=False), weight)
+        return svi, extra, f"torch.jit could not trace it ({type(e).__name__}: {first_line})"
+    return svi, extra, None
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Progress:
+    """What the loop carries from epoch to epoch (and a checkpoint stores)."""
+
+    history: list
+    start_epoch: int = 0
+    best: float = -math.inf
+    best_epoch: int | None = None
+    stale: int = 0
+
+
+def _restore(svi: SVI, checkpoint: Checkpoint | None, device: torch.device) -> _Progress:
+    """The optimizer, the random streams and the loop's progress as the checkpoint left them."""
+    if checkpoint is None:
+        return _Progress(history=[])
+    svi.optim.set_state(checkpoint.optim)
+    torch.set_rng_state(checkpoint.rng["cpu"])
+    if device.type == "cuda" and checkpoint.rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(checkpoint.rng["cuda"], device)
+    return _Progress(history=checkpoint.history, start_epoch=checkpoint.epoch, best=checkpoint.best,
+                     best_epoch=checkpoint.best_epoch, stale=checkpoint.stale)
+
+
+def _train_epoch(svi: SVI, extra: tuple, weight: KLWeight, vae: VAE, train_x: torch.Tensor, config: Config,
+                 epoch: int, bar, kept: str) -> float:
+    """One pass over the training set in a random order; the mean training loss per data point.
+    A non-finite loss raises :class:`TrainingDiverged` (``kept`` says what stays loadable)."""
+    vae.train()
+    n, bs = len(train_x), config.batch_size
+    steps = math.ceil(n / bs)
+    perm = torch.randperm(n, device=train_x.device)
+    total = 0.0
+    for i in range(steps):
+        weight.update(epoch + i / steps)
+        xb = train_x[perm[i * bs : (i + 1) * bs]]
+        if config.binarize:
+            xb = torch.bernoulli(xb)
+        try:
+            loss = svi.step(xb, *extra)
+        except ValueError:  # with validation on, NaN parameters fail the distributions' checks
+            if all(torch.isfinite(p).all() for p in vae.parameters()):
+                raise
+            loss = math.nan
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"the loss became {loss} at epoch {epoch + 1}, step {i + 1}; training stopped. "
+                                   + kept)
+        total += loss
+        bar.update()
+    return total / n
+
+
+def _select_and_save(vae: VAE, svi: SVI, config: Config, files: RunFiles, info: dict, state: _Progress,
+                     record: dict, valid_x: torch.Tensor) -> None:
+    """Score the epoch (the validation ELBO; the beta-ELBO when beta != 1, the objective being trained),
+    keep the best weights, and write the history, the checkpoint and run.json."""
+    score = record["valid_elbo"]
+    if config.beta != 1.0:  # beta-ELBO = ELBO + (1 - beta) rate
+        score += (1.0 - config.beta) * _mean_rate(vae, valid_x, config.seed)
+        record["valid_beta_elbo"] = score
+    state.history.append(record)
+    epoch = record["epoch"]
+    if score > state.best:
+        state.best, state.best_epoch, state.stale = score, epoch, 0
+        files.save_weights(vae.state_dict())
+    else:
+        state.stale += 1
+    files.write_history(state.history)
+    device = vae.device
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    files.save_checkpoint(Checkpoint(model=vae.state_dict(), optim=svi.optim.get_state(), rng=rng, epoch=epoch,
+                                     history=state.history, best=state.best, best_epoch=state.best_epoch,
+                                     stale=state.stale))
+    selected_by = "validation ELBO" if config.beta == 1.0 else f"validation beta-ELBO (beta={config.beta:g})"
+    files.set_status(info, "running", epochs_completed=epoch, best_epoch=state.best_epoch,
+                     best_valid_elbo=state.history[state.best_epoch - 1]["valid_elbo"], selected_by=selected_by)
+
+
+def _fit(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict, checkpoint, progress,
+         on_epoch_end) -> Run:
     device = vae.device
     pyro.clear_param_store()
     weight = KLWeight(config.beta, config.warmup_epochs, device)
-    svi, extra = make_svi(vae, config, weight)
-    not_compiled = why_not_compiled(config)
-
     train_x = data.train.to(device)
-    held_out = {s: getattr(data, s) for s in ("valid", "test")}
-    if config.binarize:
-        held_out = {s: fixed_binarization(x, s) for s, x in held_out.items()}
-    held_out = {s: x.to(device) for s, x in held_out.items()}
-    n, bs = len(train_x), config.batch_size
-    steps = math.ceil(n / bs)
-    if not_compiled is None:
-        shapes = [train_x[:bs]] + ([train_x[: n % bs]] if n % bs and n > bs else [])
-        try:
-            compile_steps(svi, vae, shapes, extra, seed=config.seed + 3 * EVAL_SEED_OFFSET, binarize=config.binarize)
-        except Exception as e:  # a model the tracer cannot follow: train it with the Python ELBO
-            first_line = (str(e).strip().splitlines() or [""])[0][:200]
-            not_compiled = f"torch.jit could not trace it ({type(e).__name__}: {first_line})"
-            for p in vae.parameters():
-                p.grad = None
-            svi, extra = make_svi(vae, dataclasses.replace(config, jit=False), weight)
-    optim = svi.optim
-    info["elbo"] = type(svi.elbo).__name__
-    info["compiled"] = not_compiled is None
+    held_out = {s: data.as_seen(s, config.binarize)[0].to(device) for s in ("valid", "test")}
+    svi, extra, not_compiled = _compile_or_fall_back(vae, config, weight, train_x)
+    info.update(elbo=type(svi.elbo).__name__, compiled=not_compiled is None)
     info.pop("not_compiled_because", None)
     if not_compiled is not None:
         info["not_compiled_because"] = not_compiled
+    state = _restore(svi, checkpoint, device)
 
-    history, start_epoch, best, best_epoch, stale = [], 0, -math.inf, None, 0
-    if checkpoint is not None:
-        optim.set_state(checkpoint["optim"])
-        torch.set_rng_state(checkpoint["rng"]["cpu"].cpu())  # map_location moved it to the device
-        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu(), device)
-        history, start_epoch = checkpoint["history"], checkpoint["epoch"]
-        best, best_epoch, stale = checkpoint["best"], checkpoint["best_epoch"], checkpoint["stale"]
-
-    bar = tqdm(total=config.epochs * steps, initial=start_epoch * steps, disable=not progress, unit="step",
-               desc=f"training {out.name}", dynamic_ncols=True)
+    steps = math.ceil(len(train_x) / config.batch_size)
+    bar = tqdm(total=config.epochs * steps, initial=state.start_epoch * steps, disable=not progress, unit="step",
+               desc=f"training {files.path.name}", dynamic_ncols=True)
     stopped_early = False
     try:
-        for epoch in range(start_epoch, config.epochs):
+        for epoch in range(state.start_epoch, config.epochs):
             started = time.perf_counter()
-            vae.train()
-            perm = torch.randperm(n, device=device)
-            total = 0.0
-            for i in range(steps):
-                weight.update(epoch + i / steps)
-                xb = train_x[perm[i * bs : (i + 1) * bs]]
-                if config.binarize:
-                    xb = torch.bernoulli(xb)
-                try:
-                    loss = svi.step(xb, *extra)
-                except ValueError:  # with validation on, NaN parameters fail the distributions' checks
-                    if all(torch.isfinite(p).all() for p in vae.parameters()):
-                        raise
-                    loss = math.nan
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"the loss became {loss} at epoch {epoch + 1}, step {i + 1}; training stopped. "
-                        + _kept(out, best_epoch)
-                    )
-                total += loss
-                bar.update()
+            kept = _kept(files.path, state.best_epoch)
+            train_loss = _train_epoch(svi, extra, weight, vae, train_x, config, epoch, bar, kept)
             valid_elbo = evaluate_elbo(vae, held_out["valid"], seed=config.seed + EVAL_SEED_OFFSET)
             if not math.isfinite(valid_elbo):
-                raise TrainingDiverged(f"the validation ELBO became {valid_elbo} at epoch {epoch + 1}. "
-                                       + _kept(out, best_epoch))
-            record = {"epoch": epoch + 1, "train_loss": total / n, "valid_elbo": valid_elbo,
-                      "beta": weight.value, "seconds": time.perf_counter() - started}
-            score = valid_elbo
-            if config.beta != 1.0:  # select by the objective being trained: beta-ELBO = ELBO + (1 - beta) rate
-                score = valid_elbo + (1.0 - config.beta) * _mean_rate(vae, held_out["valid"], config.seed)
-                record["valid_beta_elbo"] = score
-            history.append(record)
-            if score > best:
-                best, best_epoch, stale = score, epoch + 1, 0
-                atomic_torch_save(out / WEIGHTS, vae.state_dict())
-            else:
-                stale += 1
-            atomic_write_json(out / HISTORY, history)
-            rng = {"cpu": torch.get_rng_state(),
-                   "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-            atomic_torch_save(out / CHECKPOINT, {
-                "model": vae.state_dict(), "optim": optim.get_state(), "rng": rng, "epoch": epoch + 1,
-                "history": history, "best": best, "best_epoch": best_epoch, "stale": stale,
-            })
-            best_elbo = history[best_epoch - 1]["valid_elbo"]
-            info.update(status="running", epochs_completed=epoch + 1, best_epoch=best_epoch, best_valid_elbo=best_elbo,
-                        selected_by="validation ELBO" if config.beta == 1.0 else f"validation beta-ELBO (beta={config.beta:g})")
-            atomic_write_json(out / INFO, info)
-            bar.set_postfix(epoch=epoch + 1, valid_elbo=f"{valid_elbo:.2f}", best=f"{best:.2f}")
+                raise TrainingDiverged(f"the validation ELBO became {valid_elbo} at epoch {epoch + 1}. " + kept)
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "valid_elbo": valid_elbo, "beta": weight.value,
+                      "seconds": time.perf_counter() - started}
+            _select_and_save(vae, svi, config, files, info, state, record, held_out["valid"])
+            bar.set_postfix(epoch=epoch + 1, valid_elbo=f"{valid_elbo:.2f}", best=f"{state.best:.2f}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, record)
-            if config.patience and stale >= config.patience:
+            if config.patience and state.stale >= config.patience:
                 stopped_early = True
                 break
     except KeyboardInterrupt:
-        info.update(status="interrupted")
-        atomic_write_json(out / INFO, info)
+        files.set_status(info, "interrupted")
         raise
     except TrainingDiverged:
-        info.update(status="diverged")
-        atomic_write_json(out / INFO, info)
+        files.set_status(info, "diverged")
         raise
     except Exception as e:
-        info.update(status="failed", error=f"{type(e).__name__}: {e}"[:500])
-        atomic_write_json(out / INFO, info)
+        files.set_status(info, "failed", error=f"{type(e).__name__}: {e}"[:500])
         raise
     finally:
         bar.close()
+    return _finish(vae, config, data, files, info, held_out["test"], stopped_early)
 
-    run = load_run(out, prior=vae.prior if config.prior == "<object>" else None, device=str(device))
-    test_elbo = evaluate_elbo(run.vae, held_out["test"], seed=config.seed + 2 * EVAL_SEED_OFFSET)
+
+def _finish(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict, test_x: torch.Tensor,
+            stopped_early: bool) -> Run:
+    """Reload the best weights, measure the test ELBO, draw the figures, mark the run finished."""
     from ..plots import save_run_figures
 
-    save_run_figures(run, data, held_out["test"])
-    info.update(status="finished", stopped_early=stopped_early, test_elbo=test_elbo,
-                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    atomic_write_json(out / INFO, info)
-    run.info = info
+    run = load_run(files.path, prior=vae.prior if config.prior == OBJECT_PRIOR else None, device=str(vae.device),
+                   data=data)
+    test_elbo = evaluate_elbo(run.vae, test_x, seed=config.seed + 2 * EVAL_SEED_OFFSET)
+    save_run_figures(run, data, test_x)
+    run.info = files.set_status(info, "finished", stopped_early=stopped_early, test_elbo=test_elbo,
+                                finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return run
 
 
@@ -290,4 +328,4 @@ def _mean_rate(vae: VAE, x: torch.Tensor, seed: int) -> float:
 def _kept(out: Path, best_epoch) -> str:
     if best_epoch is None:
         return "No epoch finished, so no checkpoint was kept."
-    return f"The best weights (epoch {best_epoch}) are kept in {out / WEIGHTS}; resume from {out / CHECKPOINT}."
+    return f"The best weights (epoch {best_epoch}) are kept in {out / 'model.pt'}; resume from {out / 'checkpoint.pt'}."

@@ -14,11 +14,11 @@ import torch
 from pyro.distributions import constraints
 from pyro.distributions.transforms import conditional_affine_autoregressive
 from torch import nn
-from torch.distributions import biject_to
-from torch.distributions.mixture_same_family import MixtureSameFamilyConstraint
 from torch.nn.functional import softplus
 
 from ..errors import PyroVAEError
+from .base import Prior
+from .supports import bijection, reachable, unwrap_mixture
 
 MIN_SCALE = 1e-4
 
@@ -152,21 +152,22 @@ class AmortizedNormal(AmortizedGuide):
     """The default guide: q(z | x) = T # N(mu(x), diag sigma(x)^2), T = biject_to(support)."""
 
     def __init__(self, encoder: nn.Module, latent_dim: int, support=constraints.real_vector):
-        transform = _bijection(support)
+        transform = bijection(support)
         dim = transform.inverse_shape(torch.Size([latent_dim]))[-1] if transform is not None else latent_dim
         super().__init__(encoder, DiagonalNormal(dim), transform)
 
 
 EUCLIDEAN = ("normal", "full-covariance", "iaf")
+FAMILIES = ("auto",) + EUCLIDEAN + ("sphere", "relaxed-categorical")
+"""The guide families ``--guide`` names (``auto`` follows the prior)."""
 
 
-def choose_family(guide: str, support, prior: nn.Module) -> str:
+def choose_family(guide: str, support, prior: Prior) -> str:
     """Resolve ``auto`` from the prior's support and check the family can reach it."""
     if guide == "auto":
-        guide = getattr(prior, "preferred_guide", None) or (
-            "sphere" if support is constraints.sphere else "normal")
+        guide = prior.preferred_guide or ("sphere" if support is constraints.sphere else "normal")
     if guide in EUCLIDEAN:
-        if not _reachable(support):
+        if not reachable(support):
             raise PyroVAEError(
                 f"the {guide} guide cannot reach the prior's support {support}: no bijection from R^m "
                 f"(use --guide {'sphere' if support is constraints.sphere else 'auto'})"
@@ -180,21 +181,21 @@ def choose_family(guide: str, support, prior: nn.Module) -> str:
     return guide
 
 
-def build_guide(guide: str, encoder_factory, latent_dim: int, prior: nn.Module, support, *,
-                temperature: float = 0.5, flow_layers: int = 2) -> AmortizedGuide:
+def build_guide(guide: str, encoder_factory, latent_dim: int, prior: Prior, *, temperature: float,
+                flow_layers: int) -> AmortizedGuide:
     """The guide for a prior: ``encoder_factory(n)`` must return an encoder giving n numbers per x."""
-    support = _unwrap_mixture(support)
+    support = unwrap_mixture(prior.distribution_support())
     kind = choose_family(guide, support, prior)
     transform = None
     if kind in EUCLIDEAN:
-        transform = _bijection(support)
+        transform = bijection(support)
         dim = transform.inverse_shape(torch.Size([latent_dim]))[-1] if transform is not None else latent_dim
         family = {"normal": lambda: DiagonalNormal(dim), "full-covariance": lambda: FullCovarianceNormal(dim),
                   "iaf": lambda: InverseAutoregressiveFlow(dim, flow_layers)}[kind]()
     elif kind == "sphere":
         family = ProjectedNormalFamily(latent_dim)
     else:
-        temperature = float(getattr(prior, "temperature", temperature))
+        temperature = prior.guide_temperature() or temperature
         family = RelaxedCategoricalFamily(latent_dim, temperature)
     return AmortizedGuide(encoder_factory(family.num_inputs), family, transform)
 
@@ -212,32 +213,3 @@ def _apply_to_transform(transform, fn) -> None:
     inv = getattr(transform, "_inv", None)
     if isinstance(inv, torch.distributions.transforms.Transform):
         _apply_to_transform(inv, fn)
-
-
-def _bijection(support):
-    """biject_to(support) for a constrained support, None for the whole of R^d;
-    NotImplementedError where torch registers no bijection (e.g. the sphere)."""
-    support = _unwrap_mixture(support)
-    return None if _is_real(support) else biject_to(support)
-
-
-def _unwrap_mixture(support):
-    """A mixture's support is its components' support."""
-    while isinstance(support, MixtureSameFamilyConstraint):
-        support = support.base_constraint
-    return support
-
-
-def _reachable(support) -> bool:
-    try:
-        _bijection(support)
-        return True
-    except NotImplementedError:
-        return False
-
-
-def _is_real(support) -> bool:
-    base = support
-    while isinstance(base, constraints.independent):
-        base = base.base_constraint
-    return base is constraints.real

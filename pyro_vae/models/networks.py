@@ -59,6 +59,10 @@ class ConvDecoder(nn.Module):
         return self.deconv(h).reshape(*lead, 784)
 
 
+NETWORKS = ("mlp", "conv")
+"""The network kinds ``--network`` names."""
+
+
 def build_networks(kind: str, data_dim: int, image_shape, latent_dim: int, hidden_dim: int, hidden_layers: int,
                    encoder_out: int, decoder_out: int) -> tuple[nn.Module, nn.Module]:
     """The (encoder, decoder) pair: encoder maps x (D) to ``encoder_out`` numbers, decoder z to ``decoder_out``."""

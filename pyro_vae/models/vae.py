@@ -19,13 +19,14 @@ from ..config import Config
 from .guides import build_guide
 from .likelihoods import build_likelihood
 from .networks import build_networks
-from .priors import PriorOptions, build_prior, check_prior, prior_support
+from .base import Prior, check_prior
+from .priors import PriorOptions, build_prior
 
 
 class VAE(nn.Module):
     """A VAE made of a prior, an amortized guide, a decoder and a likelihood."""
 
-    def __init__(self, prior: nn.Module, guide: nn.Module, decoder: nn.Module, likelihood: nn.Module,
+    def __init__(self, prior: Prior, guide: nn.Module, decoder: nn.Module, likelihood: nn.Module,
                  latent_dim: int, image_shape: tuple[int, int]):
         super().__init__()
         self.prior = prior
@@ -37,19 +38,19 @@ class VAE(nn.Module):
 
     @property
     def enumerated(self) -> bool:
-        return bool(getattr(self.prior, "enumerated", False))
+        return self.prior.enumerated
 
     def model(self, x: torch.Tensor) -> None:
-        pyro.module("vae", self)
-        with pyro.plate("data", x.shape[0], dim=-1):
-            z = pyro.sample("z", self.prior())
-            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+        self._model(x, self.prior)
 
     def enumerated_model(self, x: torch.Tensor) -> None:
         """The model with the prior's discrete component c as a site to enumerate (TraceEnum_ELBO)."""
+        self._model(x, self.prior.model_dist)
+
+    def _model(self, x: torch.Tensor, prior_dist) -> None:
         pyro.module("vae", self)
         with pyro.plate("data", x.shape[0], dim=-1):
-            z = pyro.sample("z", self.prior.model_dist())
+            z = pyro.sample("z", prior_dist())
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor) -> None:
@@ -95,9 +96,9 @@ def build_vae(config: Config, data_dim: int, image_shape, binary: bool, prior=No
                                           config.hidden_layers, encoder_out=outputs, decoder_out=data_dim)
         return encoder
 
-    guide = build_guide(config.guide, encoder_factory, d, prior_module, prior_support(prior_module),
-                        temperature=config.prior_temperature, flow_layers=config.guide_flow_layers)
-    if getattr(prior_module, "needs_guide", False):
+    guide = build_guide(config.guide, encoder_factory, d, prior_module, temperature=config.prior_temperature,
+                        flow_layers=config.guide_flow_layers)
+    if prior_module.needs_guide:
         prior_module.attach(guide)
         check_prior(prior_module, d)
     return VAE(prior_module, guide, decoder, likelihood, d, image_shape)

@@ -1,0 +1,156 @@
+"""The study's report: a table per latent size with paired differences, report.md and report.html,
+with the figures of :mod:`pyro_vae.study.figures`. Everything it says comes from the run directories'
+metrics.json and loglik_per_point.npy."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..run_dir import RunFiles, atomic_write_bytes
+from .figures import beta_plot, study_figures
+from .settings import Setting
+
+
+def metric_row(out: Path, setting: Setting) -> dict:
+    """The numbers a report row shows, from one run's metrics.json."""
+    m = RunFiles(out / "runs" / setting.name).read_metrics()
+    agg = m["aggregate_posterior"]
+    row = {
+        "loglik": m["log_likelihood"][0], "loglik_se": m["log_likelihood"][1],
+        "elbo": m["elbo"][0], "rate": m["rate"][0], "distortion": m["distortion"][0],
+        "active_units": m["active_units"], "mutual_information": agg["mutual_information"][0],
+        "marginal_kl": agg["marginal_kl"][0], "hole_score": agg["hole_score"][0],
+        "sharp_recon": m["sharpness"]["reconstructions"], "sharp_samples": m["sharpness"]["prior_samples"],
+        "sharp_ex_post": m["sharpness"]["ex_post_samples"],
+    }
+    sq = m.get("sample_quality")
+    if sq:
+        row.update(fd_prior=sq["prior"]["frechet_distance"], fd_ex_post=sq["ex_post"]["frechet_distance"],
+                   conf_prior=sq["prior"]["confidence"], fd_test=sq["test_images"]["frechet_distance"])
+    return row
+
+
+COLUMNS = [  # (key, header, format)
+    ("loglik", "log p(x)", "{:.2f}"), ("paired", "vs first (paired)", None), ("elbo", "ELBO", "{:.2f}"),
+    ("rate", "rate", "{:.2f}"), ("distortion", "distortion", "{:.2f}"), ("active_units", "active units", "{:.0f}"),
+    ("mutual_information", "I(x;z)", "{:.2f}"), ("marginal_kl", "KL(q(z)‖p(z))", "{:.2f}"),
+    ("hole_score", "hole score", "{:.3f}"), ("fd_prior", "FD prior samples", "{:.1f}"),
+    ("fd_ex_post", "FD ex-post samples", "{:.1f}"), ("conf_prior", "confidence (prior samples)", "{:.2f}"),
+    ("sharp_recon", "sharpness recon.", "{:.2f}"), ("sharp_samples", "sharpness samples", "{:.2f}"),
+]
+
+
+def _cell(values: list[float], fmt: str, se: list[float] | None = None) -> str:
+    """One table cell: the value; with several seeds, mean +- sd across seeds; else +- its standard error."""
+    if len(values) > 1:
+        return f"{fmt.format(np.mean(values))} ± {fmt.format(np.std(values, ddof=1))}"
+    if se:
+        return f"{fmt.format(values[0])} ± {fmt.format(se[0])}"
+    return fmt.format(values[0])
+
+
+def _paired(out: Path, a: Setting, b: Setting) -> np.ndarray:
+    """Per-test-point differences log p_b(x) - log p_a(x) (same test points, same order)."""
+    la = RunFiles(out / "runs" / a.name).read_loglik_per_point()
+    lb = RunFiles(out / "runs" / b.name).read_loglik_per_point()
+    return lb - la
+
+
+def table(out: Path, settings: list[Setting], latent_dim: int) -> tuple[list[str], list[list[str]]]:
+    """The report's table for one latent size: a row per label, seeds pooled."""
+    group = [s for s in settings if s.latent_dim == latent_dim]
+    labels = list(dict.fromkeys(s.label for s in group))
+    rows_by_label = {lab: [s for s in group if s.label == lab] for lab in labels}
+    metrics = {s.name: metric_row(out, s) for s in group}
+    columns = [c for c in COLUMNS if c[0] == "paired" or all(c[0] in metrics[s.name] for s in group)]
+    header = ["", *[c[1] for c in columns]]
+    body = []
+    reference = rows_by_label[labels[0]]
+    for lab in labels:
+        runs = rows_by_label[lab]
+        cells = [lab]
+        for key, _, fmt in columns:
+            if key == "paired":
+                if lab == labels[0]:
+                    cells.append("—")
+                    continue
+                diffs = np.concatenate([_paired(out, r0, r1) for r0, r1 in zip(reference, runs)])
+                cells.append(f"{diffs.mean():+.2f} ± {diffs.std(ddof=1) / math.sqrt(len(diffs)):.2f}")
+                continue
+            values = [metrics[r.name][key] for r in runs]
+            se = [metrics[r.name]["loglik_se"] for r in runs] if key == "loglik" else None
+            cells.append(_cell(values, fmt, se))
+        body.append(cells)
+    return header, body
+
+
+def _markdown_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def write_report(kind: str, settings: list[Setting], out: Path, command: str = "") -> Path:
+    """report.md and report.html, with figures in ``out/figures``."""
+    import markdown
+
+    figures = out / "figures"
+    first = settings[0].config
+    what = "prior" if kind == "compare" else "beta"
+    lines = [f"# pyro-vae study: {'prior comparison' if kind == 'compare' else 'beta sweep'} on {first.dataset}", ""]
+    if command:
+        lines += ["Regenerate with:", "", f"    {command}", ""]
+    lines += [
+        f"Architecture: {first.network} encoder/decoder, {first.hidden_layers} x {first.hidden_dim} hidden, "
+        f"{first.likelihood} likelihood, guide {first.guide}; budget: at most {first.epochs} epochs (early stopping "
+        f"patience {first.patience}), batch {first.batch_size}, lr {first.lr}; "
+        f"seeds per setting: {len({s.seed for s in settings})}.",
+        "",
+        "Columns: test log p(x) (importance-weighted, ± standard error; with several seeds ± sd across seeds); "
+        f"the paired per-test-point difference to the first {what} (± standard error); ELBO; rate "
+        "KL(q(z|x)‖p(z)); distortion -E log p(x|z); active units; the mutual information and marginal KL of "
+        "the aggregate posterior (ELBO surgery: rate = I + marginal KL); the prior-hole score (share of prior "
+        "draws where the aggregate posterior has less density than at 99% of the data's codes); Frechet "
+        "distance of decoded samples to test images in a reference classifier's feature space (prior samples, "
+        "and ex-post Gaussian-mixture samples); the classifier's mean confidence on prior samples; sharpness "
+        "(image-gradient energy over the data's: 1 = as sharp as the data).",
+        "",
+    ]
+    for d in dict.fromkeys(s.latent_dim for s in settings):
+        header, body = table(out, settings, d)
+        lines += [f"## Latent size {d}", "", _markdown_table(header, body), ""]
+        group = [s for s in settings if s.latent_dim == d and s.seed == settings[0].seed]
+        made = study_figures(group, out, figures, d)
+        if kind == "sweep-beta":
+            made["against beta"] = beta_plot([(float(s.label), metric_row(out, s)) for s in group],
+                                             figures / f"beta-z{d}.png")
+        for name, path in made.items():
+            lines += [f"![{name}]({path.relative_to(out)})", ""]
+    if kind == "sweep-beta":
+        lines += _beta_findings(out, settings)
+    text = "\n".join(lines)
+    atomic_write_bytes(out / "report.md", text.encode())
+    html = markdown.markdown(text, extensions=["tables"])
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>pyro-vae study</title><style>"
+            "body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;"
+            "font-size:90%}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}"
+            f"</style></head><body>{html}</body></html>")
+    atomic_write_bytes(out / "report.html", page.encode())
+    return out / "report.md"
+
+
+def _beta_findings(out: Path, settings: list[Setting]) -> list[str]:
+    """Plain statements of what the sweep measured, for the reader to check against the tables."""
+    lines = ["## What the sweep measured", ""]
+    for d in dict.fromkeys(s.latent_dim for s in settings):
+        rows = sorted((float(s.label), metric_row(out, s)) for s in settings if s.latent_dim == d and s.seed == settings[0].seed)
+        (b0, r0), (b1, r1) = rows[0], next((r for r in rows if r[0] == 1.0), rows[-1])
+        lines.append(f"- Latent size {d}: from β={b0:g} to β={b1:g} the hole score goes {r0['hole_score']:.3f} → "
+                     f"{r1['hole_score']:.3f}, sharpness of prior samples {r0['sharp_samples']:.2f} → "
+                     f"{r1['sharp_samples']:.2f}, of reconstructions {r0['sharp_recon']:.2f} → {r1['sharp_recon']:.2f}"
+                     + (f", Frechet distance of prior samples {r0['fd_prior']:.1f} → {r1['fd_prior']:.1f}"
+                        if "fd_prior" in r0 else "") + ".")
+    return lines + [""]

@@ -1,0 +1,75 @@
+"""The study's runner: train and evaluate each setting (:mod:`pyro_vae.study.settings`), then report.
+
+Each run lives in ``<out>/runs/<name>``; a run already finished and evaluated is skipped, an
+interrupted one resumed, so a study started again picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import PyroVAEError
+from ..inference.evaluate import evaluate
+from ..run_dir import RunFiles, atomic_write_json, load_run
+from .settings import Setting
+
+
+def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1000, progress: bool = True,
+              command: str = "") -> Path:
+    """Train and evaluate every setting (skipping finished ones), then write the report."""
+    from ..inference.train import resume, train
+    from .report import write_report
+
+    out = Path(out)
+    check_settings(settings)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "study.json", {"kind": kind, "command": command, "k": k,
+                                           "settings": [{"name": s.name, "label": s.label, "latent_dim": s.latent_dim,
+                                                         "seed": s.seed, "config": s.config.to_dict()}
+                                                        for s in settings]})
+    bar = tqdm(settings, desc=f"{kind} study", unit="run", disable=not progress)
+    for s in bar:
+        bar.set_postfix_str(s.name)
+        files = RunFiles(out / "runs" / s.name)
+        path = files.path
+        status = files.read_info().get("status")
+        if status != "finished":
+            if files.has_checkpoint() and status in ("interrupted", "running"):
+                resume(path, progress=False)
+            else:
+                if path.exists():  # a start that wrote nothing useful: begin again
+                    _clear(path)
+                train(s.config, path, progress=False)
+        if not files.has_metrics():
+            evaluate(load_run(path), num_particles=k, progress=False)
+    bar.close()
+    return write_report(kind, settings, out, command)
+
+
+def check_settings(settings: list[Setting]) -> None:
+    """Build every setting's model before training any: a bad combination (say, a sphere prior at a
+    latent size its guide cannot take) fails at once, not after an hour of the other runs."""
+    from ..data import load_dataset
+    from ..models.vae import build_vae
+
+    if not settings:
+        raise PyroVAEError("the study has no settings")
+    datasets = {}
+    for s in settings:
+        c = s.config.validate()
+        key = (c.dataset, c.data_root)
+        if key not in datasets:
+            datasets[key] = load_dataset(c.dataset, c.data_root, download=c.download)
+        data = datasets[key]
+        try:
+            build_vae(c, data.dim, data.image_shape, data.binary)
+        except PyroVAEError as e:
+            raise PyroVAEError(f"setting {s.name}: {e}") from None
+
+
+def _clear(path: Path) -> None:
+    for f in sorted(path.rglob("*"), reverse=True):
+        f.rmdir() if f.is_dir() else f.unlink()
+    path.rmdir()

@@ -1,0 +1,41 @@
+"""The settings of a study: one :class:`Setting` (a name, a config, its label) per run.
+
+    compare     one run per (prior, latent size, seed): what the prior changes
+    sweep-beta  one run per (beta, latent size, seed): beta = 0 is the autoencoder without the KL pull
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import Config
+from ..errors import PyroVAEError
+from ..models.priors import PRIORS
+
+
+@dataclasses.dataclass
+class Setting:
+    """One cell of a study: a name, the config that trains it, and its labels in the report."""
+
+    name: str
+    config: Config
+    label: str          # the prior or the beta
+    latent_dim: int
+    seed: int
+
+
+def compare_settings(base: Config, priors: list[str], latent_dims: list[int], seeds: int) -> list[Setting]:
+    unknown = [p for p in priors if p not in PRIORS and ":" not in p]
+    if unknown:
+        raise PyroVAEError(f"unknown priors {', '.join(unknown)}; choose from {', '.join(PRIORS)}")
+    return [Setting(f"{p.replace(':', '_')}-z{d}-s{s}", dataclasses.replace(base, prior=p, latent_dim=d,
+                                                                          seed=base.seed + s), p, d, s)
+            for d in latent_dims for p in priors for s in range(seeds)]
+
+
+def beta_settings(base: Config, betas: list[float], latent_dims: list[int], seeds: int) -> list[Setting]:
+    if any(not b >= 0 for b in betas):
+        raise PyroVAEError(f"every beta must be >= 0, got {betas}")
+    return [Setting(f"beta{b:g}-z{d}-s{s}", dataclasses.replace(base, beta=b, latent_dim=d, seed=base.seed + s),
+                    f"{b:g}", d, s)
+            for d in latent_dims for b in betas for s in range(seeds)]
