@@ -9,7 +9,7 @@ import typing
 from pathlib import Path
 
 from .config import Config
-from .errors import PyroVAEError, TrainingDiverged
+from .errors import PyroVAEError, RunInterrupted, TrainingDiverged
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +34,19 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, **kw)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (the usage stays with --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+TRUST_HELP = ("import and run the prior this run's config.json names as module:attribute (only for run "
+              "directories you trust: importing a module runs its code)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyro-vae",
         description="Train and inspect VAEs written as Pyro models, to measure what the N(0, I) prior does.",
     )
@@ -48,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from this config.json; flags given as well override its fields")
     train.add_argument("--resume", type=Path, metavar="RUN",
                        help="continue the interrupted run in RUN from its last checkpoint (--epochs may extend it)")
+    train.add_argument("--trust-prior", action="store_true", help=TRUST_HELP + "; with --resume or --config")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(train)
 
@@ -58,12 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=64, help="how many samples (default: 64)")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     sample.add_argument("--out", type=Path, help="PNG to write (default: RUN/figures/samples-seed<seed>.png)")
+    sample.add_argument("--trust-prior", action="store_true", help=TRUST_HELP)
 
     recon = sub.add_parser("reconstruct", help="reconstruct held-out images of a trained run")
     recon.add_argument("run", type=Path, metavar="RUN", help="a run directory")
     recon.add_argument("--n", type=int, default=32, help="how many images (default: 32)")
     recon.add_argument("--split", choices=("train", "valid", "test"), default="test", help="which split (default: test)")
     recon.add_argument("--out", type=Path, help="PNG to write (default: RUN/figures/reconstructions-<split>.png)")
+    recon.add_argument("--trust-prior", action="store_true", help=TRUST_HELP)
     evaluate = sub.add_parser("evaluate", help="measure a trained run: log-likelihood, rate/distortion, holes, samples",
                               description="Every metric of a run on its test split, into RUN/metrics.json.")
     evaluate.add_argument("run", type=Path, metavar="RUN", help="a run directory")
@@ -72,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n-test", type=int, help="evaluate on this many test points (default: all)")
     evaluate.add_argument("--samples", type=int, default=1000, help="generated images for sample metrics (default: 1000)")
     evaluate.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    evaluate.add_argument("--trust-prior", action="store_true", help=TRUST_HELP)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     for name, what in (("compare", "priors"), ("sweep-beta", "betas")):
         study = sub.add_parser(
@@ -88,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         study.add_argument("--seeds", type=int, default=1, help="seeds per setting (default: 1)")
         study.add_argument("--k", type=int, default=1000, help="importance samples for log p(x) (default: 1000)")
         study.add_argument("--out", type=Path, required=True, help="study directory (runs/, report.md, figures/)")
+        study.add_argument("--restart", action="store_true",
+                           help="train again the runs in --out whose config differs from this command's settings")
         study.add_argument("--quiet", action="store_true", help="no progress bar")
         _add_config_flags(study)
     return parser
@@ -101,12 +118,15 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    from .outputs import check_output_dir
     from .study import beta_settings, compare_settings, run_study
 
     base = _config_from_args(args)
     dims = _int_list(args.latent_dims, "--latent-dims")
     if args.seeds < 1 or not dims:
         raise PyroVAEError("--seeds must be >= 1 and --latent-dims must name at least one size")
+    _check_count("--k", args.k)
+    check_output_dir(args.out)
     if args.command == "compare":
         settings = compare_settings(base, [p.strip() for p in args.priors.split(",") if p.strip()], dims, args.seeds)
     else:
@@ -116,16 +136,23 @@ def cmd_study(args: argparse.Namespace) -> int:
             raise PyroVAEError(f"--betas takes comma-separated numbers, got {args.betas!r}") from None
         settings = beta_settings(base, betas, dims, args.seeds)
     command = "pyro-vae " + " ".join(sys.argv[1:]) if sys.argv and "pyro" in sys.argv[0] else ""
-    report = run_study(args.command, settings, args.out, k=args.k, progress=not args.quiet, command=command)
+    report = run_study(args.command, settings, args.out, k=args.k, progress=not args.quiet, command=command,
+                       restart=args.restart)
     print(f"report: {report} (and {report.with_suffix('.html')})")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .inference.evaluate import METRICS, evaluate, format_table
+    from .outputs import check_output_dir
     from .run_dir import load_run
 
-    run = load_run(args.run)
+    _check_seed(args.seed)
+    run = load_run(args.run, trust=args.trust_prior)
+    check_output_dir(run.path, "the run directory")
+    warning = run.status_warning()
+    if warning:
+        print(f"pyro-vae: warning: {warning}", file=sys.stderr)
     metrics = evaluate(run, num_particles=args.k, max_points=args.n_test, seed=args.seed,
                        num_samples=args.samples, progress=not args.quiet)
     print(format_table(metrics))
@@ -138,10 +165,30 @@ def _config_from_args(args: argparse.Namespace) -> Config:
     if getattr(args, "config", None) is not None:
         if not args.config.is_file():
             raise PyroVAEError(f"config file {args.config} does not exist")
-        base = Config.from_json(args.config.read_text()).to_dict()
+        try:
+            base = Config.from_json(args.config.read_text()).to_dict()
+        except (PyroVAEError, UnicodeDecodeError) as e:
+            raise PyroVAEError(f"{args.config}: {e}") from None
+        named = base["prior"]
+        if ":" in named and named != "<object>" and "prior" not in vars(args) and not args.trust_prior:
+            raise PyroVAEError(f"{args.config} names the prior {named!r}, which would import the module "
+                               f"{named.partition(':')[0]!r} and run its code: pass --trust-prior if you trust "
+                               "it, or name the prior with --prior")
     names = {f.name for f in dataclasses.fields(Config)}
     base.update({k: v for k, v in vars(args).items() if k in names})
     return Config.from_dict(base)
+
+
+def _check_count(flag: str, value: int, least: int = 1) -> None:
+    if value < least:
+        raise PyroVAEError(f"{flag} must be >= {least}, got {value}")
+
+
+def _check_seed(seed: int) -> None:
+    from .config import SEED_LIMIT
+
+    if not 0 <= seed < SEED_LIMIT:
+        raise PyroVAEError(f"--seed must lie in [0, 2^32), got {seed}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -153,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise PyroVAEError("--resume takes the run's own config.json; only --epochs and --jit/--no-jit may "
                                "be given with it")
         run = resume(args.resume, epochs=getattr(args, "epochs", None), jit=getattr(args, "jit", None),
-                     progress=not args.quiet)
+                     trust=args.trust_prior, progress=not args.quiet)
     else:
         run = train(_config_from_args(args), args.out, progress=not args.quiet)
     info = run.info
@@ -169,28 +216,31 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from .outputs import check_output_file
     from .plots import plot_images
+    from .resources import check_fits
     from .run_dir import load_run
 
-    if args.n < 1:
-        raise PyroVAEError(f"--n must be >= 1, got {args.n}")
-    run = load_run(args.run)
+    _check_count("--n", args.n)
+    _check_seed(args.seed)
+    run = load_run(args.run, trust=args.trust_prior)
+    check_fits(f"--n {args.n} samples", 3.0 * args.n * (run.vae.data_dim + run.vae.latent_dim))
+    out = check_output_file(args.out or run.figures / f"samples-seed{args.seed}.png")
     torch.manual_seed(args.seed)
-    out = args.out or run.figures / f"samples-seed{args.seed}.png"
     plot_images(run.vae.sample(args.n), run.vae.image_shape, out, "decoded samples z ~ p(z)")
     print(out)
     return 0
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from .outputs import check_output_file
     from .plots import plot_reconstructions
     from .run_dir import load_run
 
-    if args.n < 1:
-        raise PyroVAEError(f"--n must be >= 1, got {args.n}")
-    run = load_run(args.run)
+    _check_count("--n", args.n)
+    run = load_run(args.run, trust=args.trust_prior)
+    out = check_output_file(args.out or run.figures / f"reconstructions-{args.split}.png")
     x, _ = run.split(args.split)  # binarized as in training, where it was
-    out = args.out or run.figures / f"reconstructions-{args.split}.png"
     plot_reconstructions(run.vae, x, out, n=args.n)
     print(out)
     return 0
@@ -223,6 +273,7 @@ def _add_analyze_parser(sub) -> None:
     analyze.add_argument("--no-figures", dest="figures", action="store_false", help="write no figures")
     analyze.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     analyze.add_argument("--out", type=Path, help="output directory (default: RUN/analysis)")
+    analyze.add_argument("--trust-prior", action="store_true", help=TRUST_HELP)
     analyze.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -234,7 +285,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                                 dense_mass=args.dense_mass, optimise=args.optimise, num_particles=args.particles,
                                 figures=args.figures, progress=not args.quiet).validate()
     analysis, paths = analyze_run(args.run, args.out, split=args.split, obs=args.obs, indices=args.indices,
-                                  settings=settings)
+                                  settings=settings, trust=args.trust_prior)
     print(analysis.report())
     out = paths["idata"].parent
     files = [p.name for p in paths.values() if p.parent == out] + (["figures/"] if args.figures else [])
@@ -256,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"pyro-vae: training diverged: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("pyro-vae: interrupted; the last finished epoch's checkpoint is kept "
-              "(continue with: pyro-vae train --resume RUN)", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"pyro-vae: {e}" if isinstance(e, RunInterrupted) else "pyro-vae: interrupted; nothing was written",
+              file=sys.stderr)
         return 130
 
 

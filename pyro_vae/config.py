@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +22,9 @@ OBJECTIVES = ("trace", "analytic", "iwae")
 DEVICES = ("cpu", "cuda")
 FLOWS = ("spline-coupling", "affine-autoregressive")
 GUIDES = ("auto", "normal", "full-covariance", "iaf", "sphere", "relaxed-categorical")
+SEED_LIMIT = 2**32
+PRIOR_REFERENCE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+"""``module:attribute``, the way to name a prior of your own (``--prior my_priors:cauchy``)."""
 
 
 def _opt(help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
@@ -95,16 +101,23 @@ class Config:
     seed: int = _opt("random seed (model initialisation, batches, Monte Carlo)", default=0)
     device: str = _opt("where to train", choices=DEVICES, default="cpu")
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # Config(lr=1) means lr=1.0
+            value = getattr(self, f.name)
+            if f.type in (float, "float") and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+
     def validate(self) -> "Config":
-        """Raise PyroVAEError naming the first field that is out of range."""
-        if self.latent_dim < 1:
-            raise PyroVAEError(f"latent_dim must be >= 1, got {self.latent_dim}")
-        for name in ("hidden_dim", "hidden_layers", "num_particles", "epochs", "batch_size"):
+        """Raise PyroVAEError naming the first field of the wrong type or out of range."""
+        self._check_types()
+        for name in ("latent_dim", "hidden_dim", "hidden_layers", "num_particles", "epochs", "batch_size",
+                     "prior_components", "prior_flow_layers", "guide_flow_layers"):
             if getattr(self, name) < 1:
                 raise PyroVAEError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("prior_components", "prior_flow_layers", "guide_flow_layers"):
-            if getattr(self, name) < 1:
-                raise PyroVAEError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise PyroVAEError(f"{f.name} must be a finite number, got {value}")
         for name in ("lr", "clip_norm", "prior_scale", "prior_df", "prior_concentration", "prior_temperature"):
             if not getattr(self, name) > 0:
                 raise PyroVAEError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -112,6 +125,11 @@ class Config:
             raise PyroVAEError(f"beta must be >= 0, got {self.beta}")
         if not self.warmup_epochs >= 0 or self.patience < 0:
             raise PyroVAEError("warmup_epochs and patience must be >= 0")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise PyroVAEError(f"seed must lie in [0, 2^32), got {self.seed}")
+        if ":" in self.prior and self.prior != "<object>" and not PRIOR_REFERENCE.fullmatch(self.prior):
+            raise PyroVAEError(f"prior {self.prior!r} is neither a built-in name nor module:attribute "
+                               "(e.g. my_priors:cauchy)")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -120,20 +138,62 @@ class Config:
                 )
         return self
 
+    def _check_types(self) -> None:
+        for name, kind in typing.get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            if not _has_type(value, kind):
+                raise PyroVAEError(f"{name} must be {_describe_type(kind)}, got {type(value).__name__} {value!r:.60}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        """A Config from a mapping of field names (as in config.json): unknown fields and values of the
+        wrong type are refused (whole numbers are accepted for float fields); ranges are :meth:`validate`'s."""
+        if not isinstance(d, dict):
+            raise PyroVAEError(f"a config must be a mapping of field names to values, got {type(d).__name__}")
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(str(k) for k in set(d) - set(hints))
         if unknown:
             raise PyroVAEError(f"unknown config fields: {', '.join(unknown)}")
-        return cls(**d)
+        values = {}
+        for name, value in d.items():
+            if hints[name] is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not _has_type(value, hints[name]):
+                raise PyroVAEError(f"{name} must be {_describe_type(hints[name])}, got {type(value).__name__} "
+                                   f"{value!r:.60}")
+            values[name] = value
+        return cls(**values)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Config":
-        return cls.from_dict(json.loads(text))
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise PyroVAEError(f"not valid JSON ({e})") from None
+        return cls.from_dict(d)
+
+
+def _has_type(value, kind) -> bool:
+    """Whether ``value`` is of the field type ``kind`` (int, float, bool, str, or X | None); bools are not
+    numbers here."""
+    if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_has_type(value, k) for k in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, kind)
+
+
+def _describe_type(kind) -> str:
+    args = typing.get_args(kind)
+    if args:
+        return " or ".join(_describe_type(k) for k in args)
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(kind, str(kind))

@@ -7,8 +7,10 @@ and whether the pixels are binary (which decides the default likelihood).
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -136,29 +138,41 @@ def read_binarized_mnist(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(10)
-    if head.startswith(b"MATLAB"):
-        from scipy.io import loadmat
-
-        try:
-            x = np.asarray(loadmat(path)["X"])
-        except KeyError:
-            raise PyroVAEError(f"{path}: MATLAB file has no array 'X'") from None
-    else:
-        raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
-        is_digit = (raw == ord("0")) | (raw == ord("1"))
-        is_space = np.isin(raw, np.frombuffer(b" \t\r\n", dtype=np.uint8))
-        if not (is_digit | is_space).all():
-            raise PyroVAEError(f"{path}: not a binarized-MNIST .amat file (values other than 0 and 1)")
-        lines = [ln for ln in path.read_bytes().splitlines() if ln.strip()]
-        values = raw[is_digit] - ord("0")
-        if len(lines) == 0 or values.size % len(lines):
-            raise PyroVAEError(f"{path}: rows of unequal length")
-        x = values.reshape(len(lines), -1)
+    x = _read_matlab(path) if head.startswith(b"MATLAB") else _read_amat(path)
     if x.ndim != 2 or x.shape[1] != 784:
         raise PyroVAEError(f"{path}: expected rows of 784 pixels (28x28), got shape {tuple(x.shape)}")
-    if not np.isin(x, (0, 1)).all():
+    if x.dtype.kind not in "biuf" or not np.isin(x, (0, 1)).all():
         raise PyroVAEError(f"{path}: binarized MNIST must hold only 0 and 1")
     return x.astype(np.uint8)
+
+
+def _read_matlab(path: Path) -> np.ndarray:
+    from scipy.io import loadmat
+
+    try:
+        contents = loadmat(path)
+    except Exception as e:  # scipy raises many kinds on truncated or garbage files
+        raise PyroVAEError(f"{path}: not a readable MATLAB file ({type(e).__name__}: {str(e)[:80]})") from None
+    if "X" not in contents:
+        raise PyroVAEError(f"{path}: MATLAB file has no array 'X'")
+    return np.asarray(contents["X"])
+
+
+def _read_amat(path: Path) -> np.ndarray:
+    """The ``.amat`` text: one image per line, 784 values 0 or 1 separated by white space."""
+    raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    is_digit = (raw == ord("0")) | (raw == ord("1"))
+    is_space = np.isin(raw, np.frombuffer(b" \t\r\n", dtype=np.uint8))
+    if not (is_digit | is_space).all() or (is_digit[:-1] & is_digit[1:]).any():
+        raise PyroVAEError(f"{path}: not a binarized-MNIST .amat file (values other than 0 and 1)")
+    line = np.cumsum(raw == ord("\n"))  # the line each byte is on
+    counts = np.bincount(line[is_digit], minlength=int(line[-1]) + 1 if len(line) else 1)
+    counts = counts[counts > 0]  # blank lines carry no image
+    if len(counts) == 0:
+        raise PyroVAEError(f"{path}: the file holds no images")
+    if (counts != counts[0]).any():
+        raise PyroVAEError(f"{path}: rows of unequal length ({counts.min()} to {counts.max()} values)")
+    return (raw[is_digit] - ord("0")).reshape(len(counts), -1)
 
 
 def _download(url: str, dest: Path) -> None:
@@ -203,18 +217,25 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (the MNIST format), gzipped or not."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise PyroVAEError(f"{path}: cannot be read ({type(e).__name__}: {str(e)[:80]})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise PyroVAEError(f"{path}: not an IDX file (bad magic number)")
     ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    count = int(np.prod(dims))
     offset = 4 + 4 * ndim
-    if len(data) - offset != count * dtype.itemsize:
-        raise PyroVAEError(f"{path}: IDX header says shape {dims} but the file holds a different size")
+    if ndim == 0 or len(data) < offset:
+        raise PyroVAEError(f"{path}: IDX header is cut short or names no dimensions")
+    dims = struct.unpack(f">{ndim}I", data[4:offset])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    if len(data) - offset != math.prod(dims) * dtype.itemsize:
+        raise PyroVAEError(f"{path}: IDX header says shape {dims} but the file holds a different size "
+                           f"({len(data) - offset} bytes of data for {math.prod(dims) * dtype.itemsize})")
     return np.frombuffer(data, dtype=dtype, offset=offset).reshape(dims)
 
 
@@ -253,6 +274,8 @@ def load_fashion_mnist(data_root=None, download: bool = False) -> Dataset:
     (tr_x, tr_y), (te_x, te_y) = [(arrays[i], arrays[l]) for i, l in FASHION_MNIST_FILES.values()]
     if tr_x.shape[1:] != (28, 28) or len(tr_x) != len(tr_y) or len(te_x) != len(te_y):
         raise PyroVAEError("fashion-mnist: IDX files do not hold matching 28x28 images and labels")
+    for images in (tr_x, te_x):
+        _check_pixels(images, "fashion-mnist", 255)
     n_valid = min(10_000, len(tr_x) // 6)
     parts = {
         "train": (tr_x[:-n_valid] / 255.0, tr_y[:-n_valid]),
@@ -266,8 +289,14 @@ def load_fashion_mnist(data_root=None, download: bool = False) -> Dataset:
 
 
 def from_tensor(x, labels=None, name: str = "tensor") -> Dataset:
-    """Images (N, H, W), (N, 1, H, W) or (N, D) with values in [0, 1] (or integers 0..255)."""
-    x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+    """Images (N, H, W), (N, 1, H, W) or (N, D) with values in [0, 1], or whole numbers in 0..255
+    (integers, or floats holding whole numbers)."""
+    try:
+        x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise PyroVAEError(f"{name}: not an array of images ({type(e).__name__})") from None
+    if x.dtype.kind not in "biuf":
+        raise PyroVAEError(f"{name}: pixels must be real numbers, got an array of {x.dtype} values")
     if x.ndim == 4 and x.shape[1] == 1:
         x = x[:, 0]
     if x.ndim == 3:
@@ -277,18 +306,26 @@ def from_tensor(x, labels=None, name: str = "tensor") -> Dataset:
         image_shape = (side, side) if side * side == x.shape[1] else (1, x.shape[1])
     else:
         raise PyroVAEError(f"{name}: expected images of shape (N, H, W) or (N, D), got {x.shape}")
-    if x.size == 0 or not np.isfinite(x).all():
-        raise PyroVAEError(f"{name}: data are empty or hold NaN/inf")
-    if x.dtype == np.uint8 or (np.issubdtype(x.dtype, np.integer) and x.max() > 1):
-        if x.min() < 0 or x.max() > 255:
-            raise PyroVAEError(f"{name}: integer pixels must lie in 0..255")
+    if x.size == 0:
+        raise PyroVAEError(f"{name}: data are empty")
+    _check_pixels(x, name, 255)
+    if x.max() > 1:  # 0..255
+        if (x.dtype.kind == "f" and (x != np.round(x)).any()):
+            raise PyroVAEError(f"{name}: pixel values must lie in [0, 1], or be whole numbers in 0..255 "
+                               f"(got values up to {x.max():.4g} that are not whole)")
         x = x / 255.0
-    if x.min() < 0 or x.max() > 1:
-        raise PyroVAEError(f"{name}: pixel values must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
     y = None if labels is None else np.asarray(labels)
     if y is not None and len(y) != len(x):
         raise PyroVAEError(f"{name}: {len(y)} labels for {len(x)} images")
     return _three_way_split(x, y, name, image_shape)
+
+
+def _check_pixels(x: np.ndarray, name: str, top: int) -> None:
+    """Finite and within [0, top]; one line naming the problem otherwise."""
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise PyroVAEError(f"{name}: data hold NaN or infinite values")
+    if x.min() < 0 or x.max() > top:
+        raise PyroVAEError(f"{name}: pixel values must lie in [0, 1] or 0..{top}, got [{x.min():.3g}, {x.max():.3g}]")
 
 
 def load_file(path: str | os.PathLike) -> Dataset:

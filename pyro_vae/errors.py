@@ -7,3 +7,7 @@ class PyroVAEError(Exception):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C); the message says what was kept and how to go on."""

@@ -18,11 +18,14 @@ Every file is written to a temporary name and renamed into place, so a file that
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
+import pickle
 import tempfile
-from dataclasses import asdict, dataclass, field
+import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ CONFIG, INFO, HISTORY, WEIGHTS, CHECKPOINT, FIGURES = (
     "config.json", "run.json", "history.json", "model.pt", "checkpoint.pt", "figures",
 )
 METRICS, PER_POINT = "metrics.json", "loglik_per_point.npy"
+LOCK = ".lock"  # held (flock) by the process training the run
 OBJECT_PRIOR = "<object>"  # config.json's name for a prior given as an object that cannot be imported by name
 
 
@@ -80,7 +84,24 @@ def atomic_torch_save(path, obj: Any) -> None:
 
 
 def read_json(path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file's contents; :class:`PyroVAEError` naming the file if it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PyroVAEError(f"{path} is not valid JSON ({str(e)[:80]})") from None
+
+
+def torch_load(path, what: str, device="cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code; a truncated or
+    foreign file is one clear line."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise PyroVAEError(f"{path} does not exist") from None
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:100]
+        raise PyroVAEError(f"{path}: cannot read {what} (truncated, or not a torch file: {first})") from None
 
 
 @dataclass
@@ -111,14 +132,35 @@ class RunFiles:
         atomic_write_json(self.path / CONFIG, config.to_dict())
 
     def read_config(self) -> Config:
+        """config.json, checked against :class:`Config` (types and ranges) as untrusted input."""
         try:
-            return Config.from_json((self.path / CONFIG).read_text())
-        except (ValueError, TypeError) as e:
-            raise PyroVAEError(f"{self.path / CONFIG} is unreadable ({e})") from None
+            return Config.from_json((self.path / CONFIG).read_text()).validate()
+        except (PyroVAEError, UnicodeDecodeError) as e:
+            raise PyroVAEError(f"{self.path / CONFIG}: {e}") from None
 
     # run.json
     def read_info(self) -> dict:
-        return read_json(self.path / INFO) if (self.path / INFO).is_file() else {}
+        """run.json ({} if there is none yet)."""
+        if not (self.path / INFO).is_file():
+            return {}
+        info = read_json(self.path / INFO)
+        if not isinstance(info, dict):
+            raise PyroVAEError(f"{self.path / INFO}: expected a JSON object, got {type(info).__name__}")
+        return info
+
+    def read_data_shape(self) -> tuple[int, list[int], bool]:
+        """(data dim, image shape, binary) as run.json records them, checked."""
+        data = self.read_info().get("data")
+        try:
+            dim, shape, binary = data["dim"], data["image_shape"], data["binary"]
+            ok = (type(dim) is int and dim > 0 and isinstance(shape, list) and len(shape) == 2
+                  and all(type(v) is int and v > 0 for v in shape) and shape[0] * shape[1] == dim
+                  and isinstance(binary, bool))
+        except (TypeError, KeyError):
+            ok = False
+        if not ok:
+            raise PyroVAEError(f"{self.path / INFO}: no valid 'data' record (dim, image_shape, binary)")
+        return dim, shape, binary
 
     def set_status(self, info: dict, status: str, **fields) -> dict:
         """Update ``info`` with the status and fields, and write it as run.json."""
@@ -131,22 +173,33 @@ class RunFiles:
         atomic_write_json(self.path / HISTORY, history)
 
     def read_history(self) -> list:
-        return read_json(self.path / HISTORY) if (self.path / HISTORY).is_file() else []
+        if not (self.path / HISTORY).is_file():
+            return []
+        history = read_json(self.path / HISTORY)
+        if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+            raise PyroVAEError(f"{self.path / HISTORY}: expected a list of per-epoch records")
+        return history
 
     # model.pt and checkpoint.pt
     def save_weights(self, state_dict: dict) -> None:
         atomic_torch_save(self.path / WEIGHTS, state_dict)
 
     def load_weights(self) -> dict:
-        return torch.load(self.path / WEIGHTS, map_location="cpu", weights_only=True)
+        state = torch_load(self.path / WEIGHTS, "the weights")
+        if not isinstance(state, dict):
+            raise PyroVAEError(f"{self.path / WEIGHTS}: not a state dict of weights")
+        return state
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         atomic_torch_save(self.path / CHECKPOINT, asdict(checkpoint))
 
     def load_checkpoint(self, device: torch.device | str = "cpu") -> Checkpoint:
-        state = torch.load(self.path / CHECKPOINT, map_location=device, weights_only=True)
-        state["rng"] = {k: (v.cpu() if v is not None else None) for k, v in state["rng"].items()}  # RNG states live on the CPU
-        return Checkpoint(**state)
+        state = torch_load(self.path / CHECKPOINT, "the checkpoint", device)
+        try:
+            state["rng"] = {k: (v.cpu() if v is not None else None) for k, v in state["rng"].items()}  # on the CPU
+            return Checkpoint(**state)
+        except (TypeError, KeyError, AttributeError):
+            raise PyroVAEError(f"{self.path / CHECKPOINT}: not a pyro-vae checkpoint") from None
 
     def has_checkpoint(self) -> bool:
         return (self.path / CHECKPOINT).is_file()
@@ -160,7 +213,67 @@ class RunFiles:
         atomic_write_json(self.path / METRICS, metrics)
 
     def has_metrics(self) -> bool:
-        return (self.path / METRICS).is_file()
+        """Whether an evaluation is complete: metrics.json (written last) and the per-point file."""
+        return (self.path / METRICS).is_file() and (self.path / PER_POINT).is_file()
+
+    # the training lock and what a killed writer leaves behind
+    @contextlib.contextmanager
+    def training_lock(self):
+        """Hold the run's lock while training it: a second trainer is refused, and a reader can tell a
+        run that is being trained from one whose trainer was killed (the kernel drops the lock then)."""
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise PyroVAEError(f"{self.path} is being trained by another process right now") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def being_trained(self) -> bool:
+        """Whether a process holds the training lock now."""
+        if not (self.path / LOCK).is_file():
+            return False
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def clean_temporary(self) -> list[Path]:
+        """Remove the temporary files (``.NAME.*.tmp``) a killed writer left behind, unless a training
+        holds the lock (then they may be files being written); returns what was removed."""
+        if not self.path.is_dir() or self.being_trained():
+            return []
+        removed = []
+        for folder in (self.path, self.path / FIGURES):
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+        return removed
+
+    def unfinished_start(self) -> bool:
+        """Whether the directory holds only a run that never finished an epoch (so it may start again):
+        no checkpoint, no weights, nothing but its own config, status and temporary files."""
+        if not self.path.is_dir() or self.has_checkpoint() or (self.path / WEIGHTS).exists():
+            return False
+        own = {CONFIG, INFO, HISTORY, LOCK}
+        return all(p.name in own or (p.name.startswith(".") and p.name.endswith(".tmp")) for p in self.path.iterdir())
+
+    def clear_unfinished_start(self) -> None:
+        for p in self.path.iterdir():
+            if p.name != LOCK:
+                p.unlink()
 
     def read_metrics(self) -> dict:
         return read_json(self.path / METRICS)
@@ -188,16 +301,19 @@ def prior_for(config: Config, prior, path) -> Any:
     return prior
 
 
-@dataclass
 class Run:
     """A trained model with everything its run directory holds."""
 
-    path: Path
-    config: Config
-    vae: Any
-    info: dict
-    history: list = field(default_factory=list)
-    _data: Any = field(default=None, repr=False)
+    def __init__(self, path: Path, config: Config, vae: Any, info: dict, history: list | None = None, data=None):
+        self.path, self.config, self.vae, self.info = Path(path), config, vae, info
+        self._history, self._data = history, data
+
+    @property
+    def history(self) -> list:
+        """history.json, read when first asked for (sampling does not need it)."""
+        if self._history is None:
+            self._history = self.files.read_history()
+        return self._history
 
     def dataset(self):
         """The run's dataset (loaded once)."""
@@ -221,23 +337,41 @@ class Run:
     def figures(self) -> Path:
         return self.path / FIGURES
 
+    def status_warning(self) -> str | None:
+        """A line saying the weights are not those of a finished run, or None if it finished."""
+        status = self.info.get("status")
+        if status == "finished":
+            return None
+        best = self.info.get("best_epoch")
+        what = "being trained right now" if self.files.being_trained() else f"marked {status!r}"
+        if status == "running" and what != "being trained right now":
+            what += " (its training was killed, or is running elsewhere)"
+        return f"{self.path} is {what}: these are the best weights so far (epoch {best}), not a finished run's"
 
-def load_run(path: str | os.PathLike, prior=None, device: str | None = None, *, data=None) -> Run:
+
+def load_run(path: str | os.PathLike, prior=None, device: str | None = None, *, trust: bool = False,
+             data=None) -> Run:
     """Rebuild the trained model of a run directory (its best weights), ready to evaluate.
 
-    ``prior``: the prior object, for runs trained with a prior given as a Python object.
-    ``data``: the run's dataset, if already loaded."""
+    A run directory is untrusted input: config.json and run.json are checked against their formats,
+    and a prior it names as ``module:attribute`` is imported (which runs that module's code) only with
+    ``trust=True``, or not at all when ``prior`` (the object itself) is given. ``data``: the run's
+    dataset, if already loaded."""
+    from .models.priors import UntrustedPrior
     from .models.vae import build_vae
 
     files = RunFiles(check_run_dir(path))
+    files.clean_temporary()
     config = files.read_config()
+    dim, shape, binary = files.read_data_shape()
     try:
-        data_info = files.read_info()["data"]
-        shape = (data_info["dim"], data_info["image_shape"], data_info["binary"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise PyroVAEError(f"{files.path}: config.json or run.json is unreadable ({e})") from None
-    vae = build_vae(config, *shape, prior=prior_for(config, prior, files.path))
-    vae.load_state_dict(files.load_weights())
+        vae = build_vae(config, dim, shape, binary, prior=prior_for(config, prior, files.path), trust_prior=trust)
+    except UntrustedPrior as e:
+        raise PyroVAEError(f"{files.path} was trained with a prior of its own: {e}") from None
+    try:
+        vae.load_state_dict(files.load_weights())
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e)[:100])
+        raise PyroVAEError(f"{files / WEIGHTS} does not fit the model config.json describes ({first[:150]})") from None
     vae.to(device or "cpu").eval()
-    return Run(path=files.path, config=config, vae=vae, info=files.read_info(), history=files.read_history(),
-               _data=data)
+    return Run(path=files.path, config=config, vae=vae, info=files.read_info(), data=data)

@@ -324,7 +324,9 @@ def test_user_prior_module_attribute_from_the_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--prior", "my_priors:cauchy", "--out", "run", "--quiet", *CLI_TINY]) == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["prior"] == "my_priors:cauchy"
-    assert type(load_run(tmp_path / "run").vae.prior().base_dist).__name__ == "Cauchy"
+    assert type(load_run(tmp_path / "run", trust=True).vae.prior().base_dist).__name__ == "Cauchy"
+    with pytest.raises(PyroVAEError, match="--trust-prior"):  # a run directory's module is not imported unasked
+        load_run(tmp_path / "run")
 
 
 CLI_TINY = ["--epochs", "2", "--hidden-dim", "64", "--hidden-layers", "1", "--lr", "3e-3"]

@@ -176,15 +176,18 @@ def save_analysis(analysis: Analysis, out, figures: bool = True) -> dict[str, Pa
 
 
 def analyze_run(run_path, out=None, *, split: str = "test", obs: int | None = None, indices=None,
-                settings: AnalysisSettings | None = None, **overrides):
+                settings: AnalysisSettings | None = None, trust: bool = False, **overrides):
     """Analyse data points of a run directory's ``split`` and write the files of :func:`save_analysis` to
     ``out`` (default ``RUN/analysis``). ``indices`` picks data points by position in the split; else
     ``obs`` (default 4) of them are drawn at random from the settings' seed. ``settings`` (or its
-    fields as keywords): :class:`AnalysisSettings`. Returns (analysis, paths).
+    fields as keywords): :class:`AnalysisSettings`. ``trust``: see :func:`~pyro_vae.run_dir.load_run`.
+    Returns (analysis, paths).
 
     Everything is checked before any sampling: the settings, the run directory, the prior's support,
-    the split, the indices."""
+    the split, the indices, the output directory, the memory the draws need."""
     from ..data import SPLITS
+    from ..outputs import check_output_dir
+    from ..resources import check_fits
     from ..run_dir import load_run
 
     s = settings_from(settings, overrides)
@@ -194,15 +197,17 @@ def analyze_run(run_path, out=None, *, split: str = "test", obs: int | None = No
         raise PyroVAEError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if obs is not None and (isinstance(obs, bool) or not isinstance(obs, int) or obs < 1):
         raise PyroVAEError(f"--obs must be >= 1, got {obs!r} (obs)")
-    run = load_run(run_path)
+    run = load_run(run_path, trust=trust)
     check_nuts_support(run.vae)
+    out = check_output_dir(Path(out) if out is not None else run.path / "analysis")
     x_all, labels_all = run.split(split)  # binarized as in training, where it was
     indices = _pick(indices, obs, len(x_all), split, s.seed)
     x = x_all[indices]
     labels = None if labels_all is None else labels_all[indices].tolist()
-    out = Path(out) if out is not None else run.path / "analysis"
-    if out.exists() and not out.is_dir():
-        raise PyroVAEError(f"{out} exists and is not a directory")
+    draws = s.num_chains * s.num_draws * len(indices)
+    check_fits(f"the analysis (--chains {s.num_chains} x --draws {s.num_draws} for {len(indices)} data points)",
+               draws * (4 * run.vae.latent_dim + 2) + s.num_chains * min(s.ppc_draws, s.num_draws) * len(indices)
+               * 2 * run.vae.data_dim)
     attrs = {"run": str(run.path), "split": split, "dataset": run.config.dataset, "prior_name": run.config.prior}
     analysis = analyze(run.vae, x, indices, labels, s, attrs=attrs)
     _say(s.progress, f"writing {out}/")

@@ -31,6 +31,7 @@ def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None,
     log-likelihood; ``max_points``: evaluate on the first N test points only (in a fixed random order)."""
     if num_particles < 1 or num_samples < 2:
         raise PyroVAEError("--k must be >= 1 and --samples >= 2")
+    check_evaluation_fits(run.vae, num_particles, num_samples)
     vae = run.vae.eval()
     data = run.dataset()
     x, labels = run.split("test")
@@ -71,6 +72,17 @@ def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None,
     if save:
         run.files.write_metrics(out, loglik.cpu().numpy())
     return out
+
+
+def check_evaluation_fits(vae, num_particles: int, num_samples: int) -> None:
+    """Refuse a K or a number of samples that cannot fit in memory: the importance-weighted bound holds
+    K x (at least one data point) x (pixels + hidden units) numbers at once; the samples, N x pixels."""
+    from ..resources import check_fits
+
+    width = 2 * vae.data_dim + 4 * vae.latent_dim + 2 * sum(p.shape[0] for p in vae.decoder.parameters()
+                                                            if p.dim() == 1)
+    check_fits(f"--k {num_particles}", 2.0 * num_particles * width, str(vae.device))
+    check_fits(f"--samples {num_samples}", 4.0 * num_samples * (vae.data_dim + vae.latent_dim), str(vae.device))
 
 
 def _iw_batch(num_particles: int, x: torch.Tensor) -> int:

@@ -26,9 +26,11 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data import Dataset, load_dataset
-from ..errors import PyroVAEError, TrainingDiverged
-from ..models.priors import prior_reference
+from ..errors import PyroVAEError, RunInterrupted, TrainingDiverged
+from ..models.priors import UntrustedPrior, prior_reference
+from ..models.sizes import check_step_fits
 from ..models.vae import VAE, build_vae
+from ..outputs import check_output_dir
 from ..run_dir import OBJECT_PRIOR, Checkpoint, Run, RunFiles, load_run, prior_for
 from ..seeding import seeded
 from .metrics import elbo_per_datapoint, rate_and_distortion
@@ -55,15 +57,16 @@ def evaluate_elbo(vae: VAE, x: torch.Tensor, seed: int, num_particles: int = 1) 
 # --------------------------------------------------------------------------- set-up
 
 
-def _setup(config: Config, data: Dataset | None, prior) -> tuple[VAE, Dataset]:
+def _setup(config: Config, data: Dataset | None, prior, trust_prior: bool = True) -> tuple[VAE, Dataset]:
     """Validate, load the data, build the model on its device and check the objective: every check on
     the input, before anything is written."""
     config.validate()
     device = resolve_device(config.device)
     if data is None:
         data = load_dataset(config.dataset, config.data_root, download=config.download)
+    check_step_fits(config, data.dim, len(data.train))
     pyro.set_rng_seed(config.seed)
-    vae = build_vae(config, data.dim, data.image_shape, data.binary, prior=prior).to(device)
+    vae = build_vae(config, data.dim, data.image_shape, data.binary, prior=prior, trust_prior=trust_prior).to(device)
     check_objective(config, vae, data.valid[:1].to(device))
     return vae, data
 
@@ -78,10 +81,20 @@ def train(config: Config, out: str | os.PathLike | None = None, *, data: Dataset
         config = dataclasses.replace(config, prior=prior_reference(prior))
     vae, data = _setup(config, data, prior)
     out = Path(out) if out is not None else default_run_path(config)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    check_output_dir(out, "--out")
+    files = RunFiles(out)
+    restart = files.unfinished_start()  # a run that never finished an epoch may start again, as anything
+    if out.exists() and any(out.iterdir()) and not restart:
         raise PyroVAEError(f"{out} already exists and is not empty (resume it with --resume {out}, or pick --out)")
     out.mkdir(parents=True, exist_ok=True)
-    files = RunFiles(out)
+    with files.training_lock():
+        if restart:
+            files.clear_unfinished_start()
+        return _start(vae, config, data, files, progress, on_epoch_end)
+
+
+def _start(vae: VAE, config: Config, data: Dataset, files: RunFiles, progress, on_epoch_end) -> Run:
+    """Write config.json and run.json of a new run, then train it from epoch 1."""
     files.write_config(config)
     info = {
         "data": {"name": data.name, "dim": data.dim, "image_shape": list(data.image_shape), "binary": data.binary,
@@ -94,25 +107,38 @@ def train(config: Config, out: str | os.PathLike | None = None, *, data: Dataset
 
 
 def resume(path: str | os.PathLike, *, data: Dataset | None = None, prior=None, epochs: int | None = None,
-           jit: bool | None = None, progress: bool = True, on_epoch_end=None) -> Run:
+           jit: bool | None = None, trust: bool = False, progress: bool = True, on_epoch_end=None) -> Run:
     """Continue an interrupted run from the end of its last finished epoch (or train it for more ``epochs``;
-    ``jit=False`` goes on with the Python ELBO)."""
+    ``jit=False`` goes on with the Python ELBO). A run that never finished an epoch starts again from
+    epoch 1 with its config. ``trust``: allow importing a prior its config.json names as module:attribute
+    (see :func:`~pyro_vae.run_dir.load_run`)."""
     files = RunFiles(path)
-    if not files.has_checkpoint() or not (files / "config.json").is_file():
-        raise PyroVAEError(f"{files.path} holds no resumable run (no config.json or checkpoint.pt)")
+    if not (files / "config.json").is_file():
+        raise PyroVAEError(f"{files.path} holds no resumable run (no config.json)")
+    files.clean_temporary()
     config = files.read_config()
     if epochs is not None:
         config = dataclasses.replace(config, epochs=epochs)
     if jit is not None:
         config = dataclasses.replace(config, jit=jit)
+    if not files.has_checkpoint() and not files.unfinished_start():
+        raise PyroVAEError(f"{files.path} holds no resumable run (no checkpoint.pt)")
     info = files.read_info()
-    vae, data = _setup(config, data, prior_for(config, prior, files.path))
-    checkpoint = files.load_checkpoint(vae.device)
-    vae.load_state_dict(checkpoint.model)
-    if checkpoint.epoch >= config.epochs and info.get("status") == "finished":
-        raise PyroVAEError(f"{files.path} already finished {checkpoint.epoch} epochs; pass more epochs to go on")
-    files.write_config(config)
-    return _fit(vae, config, data, files, info, checkpoint=checkpoint, progress=progress, on_epoch_end=on_epoch_end)
+    try:
+        vae, data = _setup(config, data, prior_for(config, prior, files.path), trust_prior=trust)
+    except UntrustedPrior as e:
+        raise PyroVAEError(f"{files.path} was trained with a prior of its own: {e}") from None
+    with files.training_lock():
+        if not files.has_checkpoint():  # no epoch ever finished: begin again
+            files.clear_unfinished_start()
+            return _start(vae, config, data, files, progress, on_epoch_end)
+        checkpoint = files.load_checkpoint(vae.device)
+        vae.load_state_dict(checkpoint.model)
+        if checkpoint.epoch >= config.epochs and info.get("status") == "finished":
+            raise PyroVAEError(f"{files.path} already finished {checkpoint.epoch} epochs; pass more epochs to go on")
+        files.write_config(config)
+        return _fit(vae, config, data, files, info, checkpoint=checkpoint, progress=progress,
+                    on_epoch_end=on_epoch_end)
 
 
 def default_run_path(config: Config) -> Path:
@@ -258,6 +284,26 @@ def _select_and_save(vae: VAE, svi: SVI, config: Config, files: RunFiles, info: 
 
 def _fit(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict, checkpoint, progress,
          on_epoch_end) -> Run:
+    """Train from ``checkpoint`` (None: from the start) to the end, and finish. Whatever stops it, run.json
+    says how: interrupted, diverged, or failed with the error."""
+    try:
+        return _loop(vae, config, data, files, info, checkpoint, progress, on_epoch_end)
+    except KeyboardInterrupt:
+        files.set_status(info, "interrupted")
+        done = info.get("epochs_completed", 0)
+        kept = (f"the checkpoint of epoch {done} is kept" if done else "no epoch had finished, so nothing was kept")
+        raise RunInterrupted(f"interrupted; {kept}: continue with pyro-vae train --resume {files.path}"
+                             + ("" if done else " (it starts again at epoch 1)")) from None
+    except TrainingDiverged:
+        files.set_status(info, "diverged")
+        raise
+    except BaseException as e:
+        files.set_status(info, "failed", error=f"{type(e).__name__}: {e}"[:500])
+        raise
+
+
+def _loop(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict, checkpoint, progress,
+          on_epoch_end) -> Run:
     device = vae.device
     pyro.clear_param_store()
     weight = KLWeight(config.beta, config.warmup_epochs, device)
@@ -291,15 +337,6 @@ def _fit(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict, c
             if config.patience and state.stale >= config.patience:
                 stopped_early = True
                 break
-    except KeyboardInterrupt:
-        files.set_status(info, "interrupted")
-        raise
-    except TrainingDiverged:
-        files.set_status(info, "diverged")
-        raise
-    except Exception as e:
-        files.set_status(info, "failed", error=f"{type(e).__name__}: {e}"[:500])
-        raise
     finally:
         bar.close()
     return _finish(vae, config, data, files, info, held_out["test"], stopped_early)
@@ -311,7 +348,7 @@ def _finish(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict
     from ..plots import save_run_figures
 
     run = load_run(files.path, prior=vae.prior if config.prior == OBJECT_PRIOR else None, device=str(vae.device),
-                   data=data)
+                   trust=True, data=data)
     test_elbo = evaluate_elbo(run.vae, test_x, seed=config.seed + 2 * EVAL_SEED_OFFSET)
     save_run_figures(run, data, test_x)
     run.info = files.set_status(info, "finished", stopped_early=stopped_early, test_elbo=test_elbo,
@@ -327,5 +364,5 @@ def _mean_rate(vae: VAE, x: torch.Tensor, seed: int) -> float:
 
 def _kept(out: Path, best_epoch) -> str:
     if best_epoch is None:
-        return "No epoch finished, so no checkpoint was kept."
+        return f"No epoch finished, so nothing was kept; start again with: pyro-vae train --resume {out}."
     return f"The best weights (epoch {best_epoch}) are kept in {out / 'model.pt'}; resume from {out / 'checkpoint.pt'}."

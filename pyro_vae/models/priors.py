@@ -282,15 +282,21 @@ def _need_data_dim(options: PriorOptions) -> int:
     return options.data_dim
 
 
-def build_prior(spec, latent_dim: int, options: PriorOptions | None = None, check: bool = True) -> Prior:
+def build_prior(spec, latent_dim: int, options: PriorOptions | None = None, check: bool = True, *,
+                allow_import: bool = True) -> Prior:
     """A :class:`Prior` from a built-in name, ``module:attribute``, a distribution, a module, or a
     function/class of ``latent_dim`` returning one of those. Checked with :func:`check_prior`
-    (priors that need the guide are checked once it is attached)."""
+    (priors that need the guide are checked once it is attached).
+
+    ``allow_import=False`` refuses ``module:attribute``: importing a module runs its code, so a name
+    read from a file (a run directory's config.json) is imported only when the caller trusts it."""
     options = options or PriorOptions()
     if isinstance(spec, str):
         if spec in PRIORS:
             prior = PRIORS[spec](latent_dim, options)
         elif ":" in spec:
+            if not allow_import:
+                raise UntrustedPrior(spec)
             prior = as_prior(_import(spec), latent_dim)
         else:
             raise PyroVAEError(f"unknown prior {spec!r}; choose one of {', '.join(PRIORS)} or module:attribute")
@@ -299,6 +305,16 @@ def build_prior(spec, latent_dim: int, options: PriorOptions | None = None, chec
     if check and not prior.needs_guide:
         check_prior(prior, latent_dim)
     return prior
+
+
+class UntrustedPrior(PyroVAEError):
+    """A prior named as ``module:attribute`` in a file, which the caller did not allow to be imported."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        super().__init__(f"the prior {spec!r} would import the module {spec.partition(':')[0]!r} and run its "
+                         "code: if you trust it, pass --trust-prior (load_run(..., trust=True)), or pass the "
+                         "prior object itself (prior=)")
 
 
 OBJECT = "<object>"
@@ -320,6 +336,10 @@ def prior_reference(obj) -> str:
 
 
 def _import(spec: str):
+    from ..config import PRIOR_REFERENCE
+
+    if not PRIOR_REFERENCE.fullmatch(spec):
+        raise PyroVAEError(f"a prior of your own is named module:attribute (e.g. my_priors:cauchy), got {spec!r}")
     module_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path:  # `--prior my_priors:cauchy` finds my_priors.py in the working directory
         sys.path.insert(0, os.getcwd())
@@ -332,7 +352,7 @@ def _import(spec: str):
         raise PyroVAEError(f"cannot import prior {spec!r}: {e}") from None
 
 
-__all__ = ["Prior", "PriorOptions", "PRIORS", "FLOWS", "build_prior", "check_prior", "prior_reference", "OBJECT",
+__all__ = ["Prior", "PriorOptions", "PRIORS", "FLOWS", "build_prior", "UntrustedPrior", "check_prior", "prior_reference", "OBJECT",
            "FixedDistribution", "CallablePrior", "StandardNormal", "LearnedNormal", "Laplace", "Logistic",
            "UniformBox", "StudentT", "MixtureOfGaussians", "EnumeratedMixture", "VampPrior", "FlowPrior",
            "UniformSphere", "ProjectedNormalPrior", "DirichletPrior", "RelaxedCategorical",

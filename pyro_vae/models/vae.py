@@ -21,6 +21,7 @@ from .likelihoods import build_likelihood
 from .networks import build_networks
 from .base import Prior, check_prior
 from .priors import PriorOptions, build_prior
+from .sizes import check_model_fits
 
 
 class VAE(nn.Module):
@@ -59,6 +60,11 @@ class VAE(nn.Module):
             pyro.sample("z", self.guide_dist(x))
 
     @property
+    def data_dim(self) -> int:
+        """D, the number of pixels of an image."""
+        return self.image_shape[0] * self.image_shape[1]
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -82,11 +88,15 @@ class VAE(nn.Module):
         return self.decode(self.encode(x))
 
 
-def build_vae(config: Config, data_dim: int, image_shape, binary: bool, prior=None) -> VAE:
-    """Build the VAE a config describes. ``prior`` overrides ``config.prior`` with an object."""
+def build_vae(config: Config, data_dim: int, image_shape, binary: bool, prior=None, *,
+              trust_prior: bool = True) -> VAE:
+    """Build the VAE a config describes. ``prior`` overrides ``config.prior`` with an object.
+    ``trust_prior=False`` (a config read from a file) refuses to import a prior named module:attribute."""
     d = config.latent_dim
+    check_model_fits(config, data_dim)
     options = PriorOptions.from_config(config, data_dim)
-    prior_module = build_prior(config.prior if prior is None else prior, d, options)
+    prior_module = build_prior(config.prior if prior is None else prior, d, options,
+                               allow_import=trust_prior or prior is not None)
     likelihood = build_likelihood(config.likelihood, data_dim, binary, config.binarize)
     decoder = None
 

@@ -17,13 +17,26 @@ from .settings import Setting
 
 
 def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1000, progress: bool = True,
-              command: str = "") -> Path:
-    """Train and evaluate every setting (skipping finished ones), then write the report."""
+              command: str = "", restart: bool = False) -> Path:
+    """Train and evaluate every setting (skipping finished ones, resuming interrupted ones), then write
+    the report. A run already in ``out`` is reused only if its config.json equals the setting's config;
+    otherwise the study stops and names the fields that differ, before any work (``restart=True``
+    trains those runs again from scratch)."""
     from ..inference.train import resume, train
     from .report import write_report
 
     out = Path(out)
-    check_settings(settings)
+    if k < 1:
+        raise PyroVAEError(f"--k must be >= 1, got {k}")
+    check_settings(settings, k)
+    stale = [s for s in settings if _stale(out, s)]
+    if stale and not restart:
+        first = stale[0]
+        raise PyroVAEError(f"{len(stale)} run(s) in {out / 'runs'} were trained with other settings "
+                           f"({first.name}: {', '.join(_stale(out, first))}): pass --restart to train them again, "
+                           "or pick another --out")
+    for s in stale:
+        _clear(out / "runs" / s.name)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "study.json", {"kind": kind, "command": command, "k": k,
                                            "settings": [{"name": s.name, "label": s.label, "latent_dim": s.latent_dim,
@@ -37,21 +50,23 @@ def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1
         status = files.read_info().get("status")
         if status != "finished":
             if files.has_checkpoint() and status in ("interrupted", "running"):
-                resume(path, progress=False)
+                resume(path, progress=False, trust=True)  # its config is this setting's, named by the caller
             else:
                 if path.exists():  # a start that wrote nothing useful: begin again
                     _clear(path)
                 train(s.config, path, progress=False)
         if not files.has_metrics():
-            evaluate(load_run(path), num_particles=k, progress=False)
+            evaluate(load_run(path, trust=True), num_particles=k, progress=False)
     bar.close()
     return write_report(kind, settings, out, command)
 
 
-def check_settings(settings: list[Setting]) -> None:
+def check_settings(settings: list[Setting], k: int = 1) -> None:
     """Build every setting's model before training any: a bad combination (say, a sphere prior at a
     latent size its guide cannot take) fails at once, not after an hour of the other runs."""
     from ..data import load_dataset
+    from ..inference.evaluate import check_evaluation_fits
+    from ..models.sizes import check_step_fits
     from ..models.vae import build_vae
 
     if not settings:
@@ -64,9 +79,24 @@ def check_settings(settings: list[Setting]) -> None:
             datasets[key] = load_dataset(c.dataset, c.data_root, download=c.download)
         data = datasets[key]
         try:
-            build_vae(c, data.dim, data.image_shape, data.binary)
+            check_step_fits(c, data.dim, len(data.train))
+            check_evaluation_fits(build_vae(c, data.dim, data.image_shape, data.binary), k, 1000)
         except PyroVAEError as e:
             raise PyroVAEError(f"setting {s.name}: {e}") from None
+
+
+def _stale(out: Path, setting: Setting) -> list[str]:
+    """The config fields in which a run already in the study differs from its setting ([] if none, or if
+    there is no run yet)."""
+    files = RunFiles(out / "runs" / setting.name)
+    if not (files / "config.json").is_file():
+        return []
+    try:
+        stored = files.read_config().to_dict()
+    except PyroVAEError:
+        return ["config.json unreadable"]
+    wanted = setting.config.to_dict()
+    return [f"{k}={stored[k]!r} (wanted {wanted[k]!r})" for k in wanted if stored[k] != wanted[k]]
 
 
 def _clear(path: Path) -> None:

@@ -1,0 +1,364 @@
+"""Untrusted run directories, corrupt files, out-of-range input, unwritable outputs and early faults:
+each one clear line and exit status 2 (130 for an interrupt), no code run that a file names, nothing
+lost, no dead end. Every file here is written by the test itself."""
+
+import gzip
+import json
+import math
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+from scipy.io import savemat
+
+from pyro_vae import PyroVAEError, TrainingDiverged, load_run, resume, train
+from pyro_vae.cli import main
+from pyro_vae.data import load_dataset, read_binarized_mnist, read_idx
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    train(tiny_config(epochs=2), out, progress=False)
+    return out
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """A private copy of the trained run, to break."""
+    return shutil.copytree(trained, tmp_path / "run")
+
+
+def one_line_error(capsys, code, expected_code=2) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == expected_code and len(err) == 1, (code, err)
+    return err[0]
+
+
+def _edit_json(path, **changes):
+    d = json.loads(path.read_text())
+    d.update(changes)
+    path.write_text(json.dumps(d))
+
+
+# --------------------------------------------------------------------------- 1. opening a run runs no code
+
+
+EVIL = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--k", "2", "--samples", "4", "--quiet"], ["sample"],
+                                     ["reconstruct"], ["analyze", "--quiet"], ["train", "--resume"]])
+def test_a_run_directory_never_imports_the_module_it_names(command, run_copy, tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "marker"
+    module = f"evil_{command[0]}"
+    (tmp_path / f"{module}.py").write_text(EVIL.format(marker=str(marker)))
+    monkeypatch.chdir(tmp_path)  # where `--prior my_priors:cauchy` looks for its module
+    _edit_json(run_copy / "config.json", prior=f"{module}:no_such_attribute")
+    args = [command[0], *command[1:], str(run_copy)] if command[0] == "train" else [command[0], str(run_copy),
+                                                                                    *command[1:]]
+    line = one_line_error(capsys, main(args))
+    assert module in line and "--trust-prior" in line
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("prior,latent_dim", [("os:system", "touch {marker}"), ("builtins:exec", 2),
+                                              ("os:system", 2)])
+def test_a_config_that_names_a_function_to_call_is_refused(prior, latent_dim, run_copy, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    if isinstance(latent_dim, str):
+        latent_dim = latent_dim.format(marker=marker)
+    _edit_json(run_copy / "config.json", prior=prior, latent_dim=latent_dim)
+    line = one_line_error(capsys, main(["evaluate", str(run_copy), "--quiet"]))
+    assert "config.json" in line or "--trust-prior" in line
+    assert not marker.exists()
+    with pytest.raises(PyroVAEError):
+        load_run(run_copy)
+
+
+def test_trust_is_asked_for_once_per_call(run_copy, tmp_path, monkeypatch, capsys):
+    """With --trust-prior the module is imported (and a missing attribute is one line)."""
+    marker = tmp_path / "marker"
+    (tmp_path / "trusted_mod.py").write_text(EVIL.format(marker=str(marker)))
+    monkeypatch.chdir(tmp_path)
+    _edit_json(run_copy / "config.json", prior="trusted_mod:nothing")
+    line = one_line_error(capsys, main(["sample", str(run_copy), "--trust-prior"]))
+    assert marker.exists() and "cannot import prior" in line
+
+
+def test_a_config_file_for_training_needs_trust_for_its_module_prior(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"prior": "os:system", "epochs": 1}))
+    line = one_line_error(capsys, main(["train", "--config", str(cfg), "--out", str(tmp_path / "r"), "--quiet"]))
+    assert "--trust-prior" in line and not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- 2. corrupt or mismatched files
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda run: (run / "model.pt").write_bytes((run / "model.pt").read_bytes()[:200]), "model.pt"),
+    (lambda run: (run / "model.pt").write_bytes(b"garbage" * 50), "model.pt"),
+    (lambda run: _edit_json(run / "config.json", latent_dim=5), "does not fit the model"),
+    (lambda run: _edit_json(run / "config.json", hidden_dim="wide"), "hidden_dim must be an integer"),
+    (lambda run: (run / "config.json").write_text("{not json"), "config.json"),
+    (lambda run: (run / "run.json").write_text("[1, 2"), "run.json"),
+    (lambda run: _edit_json(run / "run.json", data={"dim": "many"}), "run.json"),
+], ids=["truncated-weights", "garbage-weights", "other-latent-size", "typed-config", "bad-config", "bad-run-json",
+        "bad-data-record"])
+def test_corrupt_run_files_are_one_line(damage, words, run_copy, capsys):
+    damage(run_copy)
+    for command in (["sample", str(run_copy)], ["evaluate", str(run_copy), "--quiet"]):
+        assert words in one_line_error(capsys, main(command))
+
+
+def test_sampling_does_not_need_the_history(run_copy, capsys):
+    (run_copy / "history.json").write_text("{broken")
+    assert main(["sample", str(run_copy), "--n", "4"]) == 0
+    with pytest.raises(PyroVAEError, match="history.json"):
+        load_run(run_copy).history
+
+
+def test_corrupt_data_files_are_one_line(tmp_path):
+    good = (np.random.RandomState(0).rand(3, 784) < 0.2).astype(np.uint8)
+    savemat(tmp_path / "ok.mat", {"X": good})
+    (tmp_path / "cut.mat").write_bytes((tmp_path / "ok.mat").read_bytes()[:300])
+    (tmp_path / "junk.mat").write_bytes(b"MATLAB 5.0 MAT-file" + b"\x00\xff" * 100)
+    for name in ("cut.mat", "junk.mat"):
+        with pytest.raises(PyroVAEError, match=name):
+            read_binarized_mnist(tmp_path / name)
+    (tmp_path / "rows.amat").write_text(" ".join(["1"] * 784) + "\n" + " ".join(["0"] * 783) + "\n"
+                                        + " ".join(["1"] * 785) + "\n")
+    with pytest.raises(PyroVAEError, match="unequal length"):
+        read_binarized_mnist(tmp_path / "rows.amat")
+    (tmp_path / "glued.amat").write_text("10 " * 392 + "\n")
+    with pytest.raises(PyroVAEError, match="other than 0 and 1"):
+        read_binarized_mnist(tmp_path / "glued.amat")
+    header = struct.pack(">BBBB", 0, 0, 0x08, 3) + struct.pack(">3I", 60000, 28, 28)
+    with gzip.open(tmp_path / "cut-idx.gz", "wb") as f:
+        f.write(header + bytes(1000))
+    (tmp_path / "cut2-idx.gz").write_bytes((tmp_path / "cut-idx.gz").read_bytes()[:30])
+    (tmp_path / "junk-idx.gz").write_bytes(b"\x1f\x8b" + b"junk" * 20)
+    (tmp_path / "huge-idx").write_bytes(struct.pack(">BBBB", 0, 0, 0x08, 3) + struct.pack(">3I", 2**32 - 1, 2**32 - 1,
+                                                                                        2**32 - 1) + bytes(10))
+    (tmp_path / "short-header").write_bytes(struct.pack(">BBBB", 0, 0, 0x08, 200) + bytes(12))
+    for name, words in [("cut-idx.gz", "different size"), ("cut2-idx.gz", "cannot be read"),
+                        ("junk-idx.gz", "cannot be read"), ("huge-idx", "different size"),
+                        ("short-header", "cut short")]:
+        with pytest.raises(PyroVAEError, match=words):
+            read_idx(tmp_path / name)
+
+
+@pytest.mark.parametrize("array,words", [(np.array([["a", "b"], ["c", "d"]] * 3), "real numbers"),
+                                         (np.ones((6, 4), dtype=complex), "real numbers"),
+                                         (np.full((6, 4), np.nan), "NaN")])
+def test_user_arrays_of_the_wrong_kind_are_refused(array, words, tmp_path):
+    np.save(tmp_path / "x.npy", array)
+    with pytest.raises(PyroVAEError, match=words):
+        load_dataset(str(tmp_path / "x.npy"))
+
+
+def test_float_arrays_in_0_to_255_are_accepted(tmp_path):
+    x = np.random.RandomState(0).randint(0, 256, size=(20, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    data = load_dataset(str(tmp_path / "x.npy"))
+    assert data.train.max() <= 1 and data.train.min() >= 0
+    np.save(tmp_path / "y.npy", x + 0.5)  # neither [0, 1] nor whole numbers in 0..255
+    with pytest.raises(PyroVAEError, match="whole numbers in 0..255"):
+        load_dataset(str(tmp_path / "y.npy"))
+
+
+def test_fashion_mnist_pixels_are_checked(tmp_path, monkeypatch):
+    monkeypatch.setattr("pyro_vae.data.FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "nowhere"))
+    images = np.full((12, 28, 28), np.nan, dtype=">f4")
+    for stem, array in (("train-images-idx3-ubyte", images), ("t10k-images-idx3-ubyte", images[:4]),
+                        ("train-labels-idx1-ubyte", np.zeros(12, np.uint8)),
+                        ("t10k-labels-idx1-ubyte", np.zeros(4, np.uint8))):
+        code = 0x0D if array.dtype.kind == "f" else 0x08
+        header = struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+        (tmp_path / stem).write_bytes(header + array.tobytes())
+    from pyro_vae.data import load_fashion_mnist
+
+    with pytest.raises(PyroVAEError, match="NaN"):
+        load_fashion_mnist(tmp_path)
+
+
+# --------------------------------------------------------------------------- 3. input ranges, before any work
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--beta", "inf"], "beta must be a finite number"), (["--lr", "inf"], "lr must be a finite number"),
+    (["--warmup-epochs", "inf"], "warmup_epochs must be a finite number"),
+    (["--prior", "student-t", "--prior-df", "inf"], "prior_df must be a finite number"),
+    (["--prior", "dirichlet", "--prior-concentration", "inf"], "prior_concentration must be a finite"),
+    (["--prior", ":"], "neither a built-in name nor module:attribute"),
+    (["--seed", "-1"], "seed must lie in [0, 2^32)"), (["--seed", str(2**32)], "seed must lie in [0, 2^32)"),
+    (["--latent-dim", str(10**12)], "needs about"), (["--num-particles", str(10**12)], "needs about"),
+    (["--prior", "flow", "--prior-flow-layers", str(10**12)], "needs about"),
+    (["--prior", "mog", "--prior-components", str(10**12)], "needs about"),
+])
+def test_out_of_range_training_input_is_one_line(args, words, tmp_path, capsys):
+    line = one_line_error(capsys, main(["train", "--out", str(tmp_path / "r"), "--quiet", *args]))
+    assert words in line
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["sample", "{run}", "--seed", "-1"], "--seed must lie"), (["evaluate", "{run}", "--seed", str(2**40)], "--seed"),
+    (["analyze", "{run}", "--seed", "-1"], "--seed must be >= 0"), (["evaluate", "{run}", "--k", str(10**12)], "needs about"),
+    (["evaluate", "{run}", "--samples", str(10**13)], "needs about"), (["sample", "{run}", "--n", str(10**13)], "needs about"),
+])
+def test_out_of_range_input_on_a_run_is_one_line(args, words, trained, capsys):
+    args = [a.format(run=trained) for a in args]
+    assert words in one_line_error(capsys, main(args))
+    assert not (trained / "metrics.json").exists()
+
+
+def test_a_study_checks_every_option_before_any_run(tmp_path, capsys):
+    tiny = ["--epochs", "1", "--hidden-dim", "16", "--hidden-layers", "1", "--quiet"]
+    for extra, words in ((["--k", "0"], "--k must be >= 1"), (["--betas", "0,inf"], "finite"),
+                         (["--k", str(10**12)], "needs about")):
+        command = "sweep-beta" if "--betas" in extra else "compare"
+        args = [command, "--out", str(tmp_path / "s"), *tiny, *extra]
+        if command == "compare":
+            args += ["--priors", "normal"]
+        assert words in one_line_error(capsys, main(args))
+        assert not (tmp_path / "s").exists()
+
+
+# --------------------------------------------------------------------------- 4. outputs checked before the work
+
+
+def test_outputs_are_checked_before_the_work(trained, tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.png").write_text("x")
+    for command in ("sample", "reconstruct"):
+        for out, words in ((tmp_path / "full", "is a directory"), (tmp_path / "afile" / "s.png", "is a file"),
+                           (tmp_path / "afile" / "deeper" / "s.png", "is a file")):
+            assert words in one_line_error(capsys, main([command, str(trained), "--out", str(out)]))
+    started = __import__("time").perf_counter()
+    line = one_line_error(capsys, main(["analyze", str(trained), "--out", str(tmp_path / "afile" / "a"), "--quiet"]))
+    assert "is a file" in line and __import__("time").perf_counter() - started < 10  # no NUTS ran first
+    assert (tmp_path / "full" / "keep.png").read_text() == "x"
+    # as root every directory is writable: play a user who may not write into the run directory
+    real_access = __import__("os").access
+    monkeypatch.setattr("os.access", lambda p, mode: False if str(p) == str(trained) else real_access(p, mode))
+    assert "not writable" in one_line_error(capsys, main(["evaluate", str(trained), "--quiet"]))
+    assert not (trained / "metrics.json").exists()
+
+
+# --------------------------------------------------------------------------- 5. no dead ends after faults
+
+
+def test_an_interrupt_before_the_first_checkpoint_can_be_resumed(digits, tmp_path, monkeypatch):
+    cfg = tiny_config(epochs=2)
+    straight = train(cfg, tmp_path / "straight", data=digits, progress=False)
+    train_module = __import__("pyro_vae.inference.train", fromlist=["_train_epoch"])
+    real = train_module._train_epoch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="no epoch had finished"):
+        train(cfg, tmp_path / "cut", data=digits, progress=False)
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(train_module, "_train_epoch", real)
+    resumed = resume(tmp_path / "cut", data=digits, progress=False)
+    assert [r["valid_elbo"] for r in resumed.history] == [r["valid_elbo"] for r in straight.history]
+    assert resumed.info["test_elbo"] == straight.info["test_elbo"]
+
+
+def test_a_killed_start_and_a_diverged_first_epoch_are_no_dead_end(digits, tmp_path, monkeypatch):
+    # what SIGKILL during the first epoch leaves: config, run.json "running", a half-written temporary file
+    cfg = tiny_config(epochs=1)
+    out = tmp_path / "killed"
+    out.mkdir()
+    (out / "config.json").write_text(cfg.to_json())
+    (out / "run.json").write_text(json.dumps({"status": "running", "data": {}}))
+    (out / ".checkpoint.pt.abc.tmp").write_bytes(b"half")
+    assert resume(out, data=digits, progress=False).info["status"] == "finished"
+    assert not list(out.glob(".*.tmp"))
+    # a divergence in epoch 1 keeps nothing: the same --out takes a new start with other settings
+    poisoned = tmp_path / "nan"
+    train_module = __import__("pyro_vae.inference.train", fromlist=["_train_epoch"])
+    real = train_module.evaluate_elbo
+    monkeypatch.setattr(train_module, "evaluate_elbo", lambda *a, **k: math.nan)
+    with pytest.raises(TrainingDiverged, match="nothing was kept"):
+        train(cfg, poisoned, data=digits, progress=False)
+    assert json.loads((poisoned / "run.json").read_text())["status"] == "diverged"
+    monkeypatch.setattr(train_module, "evaluate_elbo", real)
+    assert train(tiny_config(epochs=1, lr=1e-3), poisoned, data=digits, progress=False).info["status"] == "finished"
+
+
+def test_a_failure_after_the_loop_is_recorded(digits, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("figures broke")
+
+    monkeypatch.setattr("pyro_vae.plots.save_run_figures", broken)
+    with pytest.raises(RuntimeError, match="figures broke"):
+        train(tiny_config(epochs=1), tmp_path / "r", data=digits, progress=False)
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["status"] == "failed" and "figures broke" in info["error"]
+
+
+def test_a_study_killed_mid_evaluation_starts_again(tmp_path):
+    tiny = ["--epochs", "1", "--hidden-dim", "16", "--hidden-layers", "1", "--k", "5", "--quiet",
+            "--priors", "normal", "--out", str(tmp_path / "s")]
+    assert main(["compare", *tiny]) == 0
+    run = tmp_path / "s" / "runs" / "normal-z2-s0"
+    (run / "loglik_per_point.npy").unlink()  # killed between the two files of an evaluation
+    assert main(["compare", *tiny]) == 0
+    assert (run / "loglik_per_point.npy").is_file()
+
+
+def test_leftover_temporary_files_are_cleaned_and_a_running_run_says_so(run_copy, capsys):
+    (run_copy / ".model.pt.xyz.tmp").write_bytes(b"half")
+    (run_copy / "figures" / ".samples.png.q.tmp").write_bytes(b"half")
+    _edit_json(run_copy / "run.json", status="running")
+    assert main(["evaluate", str(run_copy), "--k", "2", "--samples", "4", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "marked 'running'" in err and "best weights so far" in err
+    assert not list(run_copy.rglob(".*.tmp"))
+
+
+def test_a_run_being_trained_is_not_trained_twice(run_copy):
+    from pyro_vae.run_dir import RunFiles
+
+    files = RunFiles(run_copy)
+    with files.training_lock():
+        assert files.being_trained()
+        (run_copy / ".model.pt.xyz.tmp").write_bytes(b"being written")
+        with pytest.raises(PyroVAEError, match="being trained by another process"):
+            resume(run_copy, epochs=3, progress=False)
+        _edit_json(run_copy / "run.json", status="running")
+        assert "being trained right now" in load_run(run_copy).status_warning()
+        assert (run_copy / ".model.pt.xyz.tmp").exists()  # not cleaned while a trainer holds the lock
+    assert not files.being_trained()
+
+
+# --------------------------------------------------------------------------- 6. argparse
+
+
+def test_argparse_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--likelihood", "poisson", "--out", str(tmp_path / "r")])
+    assert "invalid choice: 'poisson'" in one_line_error(capsys, stop.value.code)
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--latent-dim", "two"])
+    assert "--latent-dim" in one_line_error(capsys, stop.value.code)
+
+
+def test_the_weights_of_a_run_stay_weights(trained):
+    """torch.load(weights_only=True) everywhere: a checkpoint that pickles an object is refused."""
+    from pyro_vae.run_dir import torch_load
+
+    evil = trained.parent / "evil.pt"
+    torch.save({"x": __import__("pathlib").Path("x")}, evil)  # an object: needs pickle's code path
+    with pytest.raises(PyroVAEError, match="cannot read"):
+        torch_load(evil, "the weights")
