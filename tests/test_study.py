@@ -107,3 +107,17 @@ def test_evaluate_and_the_study_fit_the_ex_post_mixture_to_the_same_binarized_im
     expected = fixed_binarization(digits.train, "train")
     for x in fitted:
         assert torch.equal(x, expected[: len(x)]) and len(x) == len(digits.train)
+
+
+def test_a_study_of_a_prior_of_your_own(tmp_path, monkeypatch):
+    """A prior named module:attribute on the study's command line is the caller's: the study trains,
+    evaluates and reports it (and imports it again when started again)."""
+    (tmp_path / "my_priors.py").write_text(
+        "import torch, pyro.distributions as dist\n"
+        "def cauchy(latent_dim):\n"
+        "    return dist.Cauchy(torch.zeros(latent_dim), torch.ones(latent_dim)).to_event(1)\n")
+    monkeypatch.chdir(tmp_path)
+    args = ["compare", "--priors", "normal,my_priors:cauchy", "--latent-dims", "2", "--out", "s", *TINY]
+    assert main(args) == 0
+    assert "my_priors:cauchy" in (tmp_path / "s" / "report.md").read_text()
+    assert main(args) == 0

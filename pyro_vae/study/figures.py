@@ -11,7 +11,7 @@ from pyro.distributions import constraints
 
 from ..inference.evaluate import ex_post_mixture
 from ..plots import draw_latent_space, plot_image_rows, save_figure  # first: it sets matplotlib's Agg backend
-from ..run_dir import load_run
+from ..run_dir import RunFiles, load_run
 from ..seeding import seeded
 from .settings import Setting
 
@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is set)
 def study_figures(group: list[Setting], out: Path, figures: Path, d: int) -> dict[str, Path]:
     """The study's figures for one latent size: samples from each prior and from the ex-post mixture,
     reconstructions, interpolations, and the aggregate posterior."""
-    runs = {s.label: load_run(out / "runs" / s.name) for s in group}
+    runs = {s.label: _load(out, s) for s in group}
     any_run = next(iter(runs.values()))
     x, y = any_run.split("test")
     shape = any_run.vae.image_shape
@@ -53,6 +53,14 @@ def study_figures(group: list[Setting], out: Path, figures: Path, d: int) -> dic
     fig.tight_layout()
     made["aggregate posterior"] = save_figure(fig, figures / f"aggregate-posterior-z{d}.png")
     return made
+
+
+def _load(out: Path, setting: Setting):
+    """A setting's run; a prior of the user's own is imported when the run's config names the prior the
+    setting does (the caller named it), never because a run directory alone says so."""
+    path = out / "runs" / setting.name
+    stored = RunFiles(path).read_config()
+    return load_run(path, trust=stored.prior == setting.config.prior)
 
 
 def _interpolate(vae, xa: torch.Tensor, xb: torch.Tensor, steps: int = 10) -> torch.Tensor:
