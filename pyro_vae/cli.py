@@ -41,6 +41,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+CONFIG_HELP = ("start from this config file (TOML, JSON such as a run's config.json, or YAML) or shipped recipe "
+               "(recipes/vampprior-static-mnist.toml); flags given as well override it")
+STUDY_DEFAULTS = {"priors": "normal,laplace,student-t,mog,vamp,flow", "betas": "0,0.1,0.5,1,2,4", "latent_dims": "2",
+                  "seeds": 1, "k": 1000}
 TRUST_HELP = ("import and run the prior this run's config.json names as module:attribute (only for run "
               "directories you trust: importing a module runs its code)")
 
@@ -55,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a VAE and write a run directory",
                            description="Train a VAE by SVI and write a run directory with its figures.")
     train.add_argument("--out", type=Path, help="run directory to create (default: runs/<dataset>-<prior>-z<d>-<time>)")
-    train.add_argument("--config", type=Path, metavar="CONFIG_JSON",
-                       help="start from this config.json; flags given as well override its fields")
+    train.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     train.add_argument("--resume", type=Path, metavar="RUN",
                        help="continue the interrupted run in RUN from its last checkpoint (--epochs may extend it)")
     train.add_argument("--trust-prior", action="store_true", help=TRUST_HELP + "; with --resume or --config")
@@ -95,13 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
             description=("The same VAE under several priors, evaluated and reported." if name == "compare" else
                          "The same VAE under several KL weights: what the KL pull does to sampling and blur."))
         if name == "compare":
-            study.add_argument("--priors", default="normal,laplace,student-t,mog,vamp,flow",
-                               help="comma-separated priors (default: normal,laplace,student-t,mog,vamp,flow)")
+            study.add_argument("--priors", help=f"comma-separated priors (default: {STUDY_DEFAULTS['priors']})")
         else:
-            study.add_argument("--betas", default="0,0.1,0.5,1,2,4", help="comma-separated betas (default: 0,0.1,0.5,1,2,4)")
-        study.add_argument("--latent-dims", default="2", help="comma-separated latent sizes (default: 2)")
-        study.add_argument("--seeds", type=int, default=1, help="seeds per setting (default: 1)")
-        study.add_argument("--k", type=int, default=1000, help="importance samples for log p(x) (default: 1000)")
+            study.add_argument("--betas", help=f"comma-separated betas (default: {STUDY_DEFAULTS['betas']})")
+        study.add_argument("--latent-dims", help="comma-separated latent sizes (default: 2)")
+        study.add_argument("--seeds", type=int, help="seeds per setting (default: 1)")
+        study.add_argument("--k", type=int, help="importance samples for log p(x) (default: 1000)")
+        study.add_argument("--config", metavar="FILE", help=CONFIG_HELP + "; its [study] table sets the options above")
+        study.add_argument("--trust-prior", action="store_true",
+                           help="import priors the --config file names as module:attribute (importing runs code)")
         study.add_argument("--out", type=Path, required=True, help="study directory (runs/, report.md, figures/)")
         study.add_argument("--restart", action="store_true",
                            help="train again the runs in --out whose config differs from this command's settings")
@@ -110,36 +115,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise PyroVAEError(f"{flag} takes comma-separated integers, got {text!r}") from None
-
-
 def cmd_study(args: argparse.Namespace) -> int:
     from .outputs import check_output_dir
     from .study import beta_settings, compare_settings, run_study
 
-    base = _config_from_args(args)
-    dims = _int_list(args.latent_dims, "--latent-dims")
-    if args.seeds < 1 or not dims:
+    base, options = _config_from_args(args)
+    for key, default in STUDY_DEFAULTS.items():  # a flag, else the config file's [study], else the default
+        flag = getattr(args, key, None)
+        options[key] = flag if flag is not None else options.get(key, default)
+    dims = _list(options["latent_dims"], int, "--latent-dims")
+    if options["seeds"] < 1 or not dims:
         raise PyroVAEError("--seeds must be >= 1 and --latent-dims must name at least one size")
-    _check_count("--k", args.k)
+    _check_count("--k", options["k"])
     check_output_dir(args.out)
     if args.command == "compare":
-        settings = compare_settings(base, [p.strip() for p in args.priors.split(",") if p.strip()], dims, args.seeds)
+        priors = _list(options["priors"], str, "--priors")
+        if args.config and args.priors is None and not args.trust_prior:
+            _refuse_module_priors(args.config, priors)
+        settings = compare_settings(base, priors, dims, options["seeds"])
     else:
-        try:
-            betas = [float(v) for v in args.betas.split(",") if v.strip()]
-        except ValueError:
-            raise PyroVAEError(f"--betas takes comma-separated numbers, got {args.betas!r}") from None
-        settings = beta_settings(base, betas, dims, args.seeds)
+        settings = beta_settings(base, _list(options["betas"], float, "--betas"), dims, options["seeds"])
     command = "pyro-vae " + " ".join(sys.argv[1:]) if sys.argv and "pyro" in sys.argv[0] else ""
-    report = run_study(args.command, settings, args.out, k=args.k, progress=not args.quiet, command=command,
+    report = run_study(args.command, settings, args.out, k=options["k"], progress=not args.quiet, command=command,
                        restart=args.restart)
     print(f"report: {report} (and {report.with_suffix('.html')})")
     return 0
+
+
+def _list(value, kind, flag: str) -> list:
+    """A comma-separated flag, or a list from a config file, as a list of ``kind``."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    try:
+        return [kind(v) for v in items]
+    except ValueError:
+        raise PyroVAEError(f"{flag} takes comma-separated {kind.__name__} values, got {value!r}") from None
+
+
+def _refuse_module_priors(config: str, priors: list[str]) -> None:
+    named = [p for p in priors if ":" in p]
+    if named:
+        raise PyroVAEError(f"{config} names the prior {named[0]!r}, which would import the module "
+                           f"{named[0].partition(':')[0]!r} and run its code: pass --trust-prior if you trust "
+                           "it, or name the priors with --priors")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -160,23 +177,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_from_args(args: argparse.Namespace) -> Config:
-    base = Config().to_dict()
+def _config_from_args(args: argparse.Namespace) -> tuple[Config, dict]:
+    """The Config of a command: defaults, then the --config file's fields, then the flags given; and the
+    file's [study] options."""
+    from .config_file import read_config_file
+
+    base, study = Config().to_dict(), {}
     if getattr(args, "config", None) is not None:
-        if not args.config.is_file():
-            raise PyroVAEError(f"config file {args.config} does not exist")
-        try:
-            base = Config.from_json(args.config.read_text()).to_dict()
-        except (PyroVAEError, UnicodeDecodeError) as e:
-            raise PyroVAEError(f"{args.config}: {e}") from None
-        named = base["prior"]
-        if ":" in named and named != "<object>" and "prior" not in vars(args) and not args.trust_prior:
-            raise PyroVAEError(f"{args.config} names the prior {named!r}, which would import the module "
-                               f"{named.partition(':')[0]!r} and run its code: pass --trust-prior if you trust "
-                               "it, or name the prior with --prior")
+        config_file = read_config_file(args.config)
+        base.update(config_file.fields)
+        study = dict(config_file.study)
+        if "prior" not in vars(args) and not args.trust_prior:
+            _refuse_module_priors(args.config, [p for p in [base["prior"]] if p != "<object>"])
     names = {f.name for f in dataclasses.fields(Config)}
     base.update({k: v for k, v in vars(args).items() if k in names})
-    return Config.from_dict(base)
+    return Config.from_dict(base), study
 
 
 def _check_count(flag: str, value: int, least: int = 1) -> None:
@@ -202,7 +217,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = resume(args.resume, epochs=getattr(args, "epochs", None), jit=getattr(args, "jit", None),
                      trust=args.trust_prior, progress=not args.quiet)
     else:
-        run = train(_config_from_args(args), args.out, progress=not args.quiet)
+        run = train(_config_from_args(args)[0], args.out, progress=not args.quiet)
     info = run.info
     print(f"run directory: {run.path}")
     print(f"  epochs: {info['epochs_completed']}  best epoch: {info['best_epoch']}  "

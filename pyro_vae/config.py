@@ -17,7 +17,11 @@ from typing import Any
 from .errors import PyroVAEError
 
 LIKELIHOODS = ("auto", "bernoulli", "continuous-bernoulli", "gaussian")
-NETWORKS = ("mlp", "conv")
+NETWORKS = ("mlp", "gated-mlp", "conv")
+GUIDE_SCALES = ("softplus", "bounded-logvar")
+SCHEDULES = ("constant", "plateau", "cosine")
+PRIOR_INITS = ("random", "data")
+OPTIMIZERS = ("adam", "adam-normgrad")
 OBJECTIVES = ("trace", "analytic", "iwae")
 DEVICES = ("cpu", "cuda")
 FLOWS = ("spline-coupling", "affine-autoregressive")
@@ -63,6 +67,9 @@ class Config:
     prior_flow_layers: int = _opt("flow: number of flow layers", default=2)
     prior_concentration: float = _opt("projected-normal: kappa; dirichlet: alpha", default=1.0)
     prior_temperature: float = _opt("relaxed-categorical: temperature tau", default=0.5)
+    prior_init: str = _opt("vamp: pseudo-inputs start as random near-black images (pixels ~ N(0.05, 0.01^2), the "
+                           "VampPrior code's), or (data) as training images plus noise of sd 0.01 (its "
+                           "use_training_data_init)", choices=PRIOR_INITS, default="random")
     guide: str = _opt(
         "q(z|x): auto follows the prior's support (normal through biject_to; sphere; relaxed-categorical); "
         "full-covariance and iaf (inverse autoregressive flow) are richer",
@@ -70,12 +77,16 @@ class Config:
         default="auto",
     )
     guide_flow_layers: int = _opt("iaf guide: number of autoregressive layers", default=2)
+    guide_scale: str = _opt("normal guide's scale from the encoder: softplus (1e-4 + softplus(h)), or "
+                            "bounded-logvar (log-variance hardtanh(h, -6, 2), as the VampPrior code)",
+                            choices=GUIDE_SCALES, default="softplus")
     likelihood: str = _opt(
         "p(x|z); auto = bernoulli for binary data, continuous-bernoulli for grey levels",
         choices=LIKELIHOODS,
         default="auto",
     )
-    network: str = _opt("encoder/decoder networks (conv needs 28x28 images)", choices=NETWORKS, default="mlp")
+    network: str = _opt("encoder/decoder networks: mlp (softplus), gated-mlp (h = (W1 x + b1) * sigmoid(W2 x + b2), "
+                        "He-initialised, as the VampPrior code), conv (28x28 images)", choices=NETWORKS, default="mlp")
     hidden_dim: int = _opt("width of the hidden layers", default=256)
     hidden_layers: int = _opt("number of hidden layers in the MLPs", default=2)
     # objective
@@ -94,10 +105,20 @@ class Config:
     # optimisation
     epochs: int = _opt("maximum number of epochs", default=100)
     batch_size: int = _opt("mini-batch size", default=128)
+    optimizer: str = _opt("adam (torch.optim.Adam over all parameters), or adam-normgrad (each parameter's "
+                          "gradient divided by its L2 norm first, as the VampPrior code's AdamNormGrad)",
+                          choices=OPTIMIZERS, default="adam")
     lr: float = _opt("Adam learning rate", default=1e-3)
-    clip_norm: float = _opt("gradient clipping (ClippedAdam): each gradient element clamped to "
-                            "[-clip_norm, clip_norm]", default=10.0)
-    patience: int = _opt("early stopping: epochs without a better validation ELBO (0 = never stop)", default=20)
+    lr_schedule: str = _opt("learning rate: constant; plateau (times lr_factor after lr_patience epochs without a "
+                            "better validation score); cosine (annealed to lr_min over the epochs)",
+                            choices=SCHEDULES, default="constant")
+    lr_patience: int = _opt("plateau: epochs without improvement before the rate drops", default=10)
+    lr_factor: float = _opt("plateau: the factor the rate is multiplied by", default=0.5)
+    lr_min: float = _opt("plateau, cosine: the lowest rate", default=0.0)
+    clip_norm: float = _opt("gradient clamping (as Pyro's ClippedAdam): each gradient element clamped to "
+                            "[-clip_norm, clip_norm]; 0 = none", default=10.0)
+    patience: int = _opt("early stopping: epochs without a better validation ELBO (0 = never stop); not counted "
+                         "during KL warm-up", default=20)
     seed: int = _opt("random seed (model initialisation, batches, Monte Carlo)", default=0)
     device: str = _opt("where to train", choices=DEVICES, default="cpu")
 
@@ -118,11 +139,16 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise PyroVAEError(f"{f.name} must be a finite number, got {value}")
-        for name in ("lr", "clip_norm", "prior_scale", "prior_df", "prior_concentration", "prior_temperature"):
+        for name in ("lr", "prior_scale", "prior_df", "prior_concentration", "prior_temperature"):
             if not getattr(self, name) > 0:
                 raise PyroVAEError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.beta >= 0:
             raise PyroVAEError(f"beta must be >= 0, got {self.beta}")
+        for name in ("clip_norm", "lr_min", "lr_patience"):
+            if not getattr(self, name) >= 0:
+                raise PyroVAEError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.lr_factor < 1:
+            raise PyroVAEError(f"lr_factor must lie in (0, 1), got {self.lr_factor}")
         if not self.warmup_epochs >= 0 or self.patience < 0:
             raise PyroVAEError("warmup_epochs and patience must be >= 0")
         if not 0 <= self.seed < SEED_LIMIT:

@@ -10,7 +10,7 @@ from pyro_vae import build_vae, train
 from pyro_vae.errors import PyroVAEError
 from pyro_vae.inference.metrics import log_weights
 from pyro_vae.inference.objectives import KLWeight, make_elbo, why_not_compiled
-from pyro_vae.inference.train import make_svi
+from pyro_vae.inference.step import TrainingStep
 from pyro_vae.models.priors import PRIORS, FlowPrior, PriorOptions, build_prior
 
 TRACEABLE = {name for name in PRIORS if build_prior(name, 3, PriorOptions(data_dim=64), check=False).traceable}
@@ -66,13 +66,13 @@ def test_compiled_elbo_follows_the_kl_weight_during_warmup(digits):
     """beta reaches the compiled ELBO as an argument, not as the constant it was traced with."""
     cfg, vae = _vae(digits, warmup_epochs=1.0, num_particles=K)
     weight = KLWeight(1.0, warmup_epochs=1.0)
-    svi, extra = make_svi(vae, cfg, weight)
-    assert type(svi.elbo).__name__ == "JitTrace_ELBO" and extra == (weight.tensor,)
+    step = TrainingStep(vae, cfg, weight)
+    assert type(step.elbo).__name__ == "JitTrace_ELBO" and step.extra == (weight.tensor,)
     x = digits.train[:16]
     losses = {}
     for t in (0.0, 1.0):  # traced at beta = 0 first
         weight.update(t)
-        losses[t] = svi.loss_and_grads(svi.model, svi.guide, x, *extra)
+        losses[t] = step.loss_and_grads(x)
     rate = -log_weights(vae, x, K).mean(0).sum().item() - losses[0.0]  # sum_n KL(q(z|x_n) || p(z)), roughly
     assert rate > 1.0
     assert losses[1.0] - losses[0.0] == pytest.approx(rate, rel=0.1)
@@ -104,10 +104,10 @@ def test_compiled_elbo_is_traced_once(objective, prior, digits, monkeypatch):
     trace = torch.jit.trace
     monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: traces.append(1) or trace(*a, **k))
     cfg, vae = _vae(digits, prior=prior, objective=objective)
-    svi, extra = make_svi(vae, cfg, KLWeight(1.0))
+    step = TrainingStep(vae, cfg, KLWeight(1.0))
     for n in (32, 32, 32, 9):
-        svi.step(digits.train[:n], *extra)
-    assert len(traces) == 1, type(svi.elbo).__name__
+        step.step(digits.train[:n])
+    assert len(traces) == 1, type(step.elbo).__name__
 
 
 def test_a_model_the_tracer_cannot_follow_trains_uncompiled(digits, tmp_path, monkeypatch):

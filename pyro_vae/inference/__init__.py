@@ -2,8 +2,9 @@
 
 from .metrics import elbo_per_datapoint, iw_log_likelihood, log_weights, mean_and_stderr
 from .objectives import KLWeight, check_analytic_kl, check_objective, kl_weighted, make_elbo, why_not_compiled
-from .train import evaluate_elbo, make_svi, resume, train
+from .step import TrainingStep
+from .train import evaluate_elbo, resume, train
 
-__all__ = ["train", "resume", "make_svi", "evaluate_elbo", "make_elbo", "why_not_compiled", "KLWeight", "kl_weighted",
+__all__ = ["train", "resume", "TrainingStep", "evaluate_elbo", "make_elbo", "why_not_compiled", "KLWeight", "kl_weighted",
            "check_analytic_kl", "check_objective", "elbo_per_datapoint", "iw_log_likelihood", "log_weights",
            "mean_and_stderr"]

@@ -14,14 +14,11 @@ import math
 import os
 import platform
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
 import torch
-from pyro.infer import SVI
-from pyro.optim import ClippedAdam
 from tqdm.auto import tqdm
 
 from ..config import Config
@@ -34,7 +31,8 @@ from ..outputs import check_output_dir
 from ..run_dir import OBJECT_PRIOR, Checkpoint, Run, RunFiles, load_run, prior_for
 from ..seeding import seeded
 from .metrics import elbo_per_datapoint, rate_and_distortion
-from .objectives import KLWeight, check_objective, kl_weighted, make_elbo, why_not_compiled
+from .objectives import KLWeight, check_objective
+from .step import TrainingStep
 
 EVAL_SEED_OFFSET = 10_007  # validation/test Monte Carlo draws use their own stream, not the training one
 
@@ -66,7 +64,10 @@ def _setup(config: Config, data: Dataset | None, prior, trust_prior: bool = True
         data = load_dataset(config.dataset, config.data_root, download=config.download)
     check_step_fits(config, data.dim, len(data.train))
     pyro.set_rng_seed(config.seed)
-    vae = build_vae(config, data.dim, data.image_shape, data.binary, prior=prior, trust_prior=trust_prior).to(device)
+    vae = build_vae(config, data.dim, data.image_shape, data.binary, prior=prior, trust_prior=trust_prior)
+    if config.prior_init == "data":  # before the move: the draw is on the CPU, from the run's seed
+        vae.prior.initialise_from_data(data.train, config.seed)
+    vae = vae.to(device)
     check_objective(config, vae, data.valid[:1].to(device))
     return vae, data
 
@@ -150,56 +151,23 @@ def default_run_path(config: Config) -> Path:
 # --------------------------------------------------------------------------- the step, compiled or not
 
 
-def make_svi(vae: VAE, config: Config, weight: KLWeight) -> tuple[SVI, tuple]:
-    """SVI with ClippedAdam on the configured ELBO (``svi.elbo``), compiled where :func:`why_not_compiled`
-    allows, and the extra arguments each step passes after x: (beta,) as a tensor, or () when beta is
-    constantly 1 and model and guide run unwrapped. ``svi.step(x, *extra)`` is one training step."""
-    model = vae.enumerated_model if vae.enumerated else vae.model
-    guide = vae.guide
-    extra = ()
-    if not weight.constant_one:
-        model, guide, extra = kl_weighted(model), kl_weighted(guide), (weight.tensor,)
-    jit = why_not_compiled(config, vae.prior) is None
-    elbo = make_elbo(config.objective, config.num_particles, vae.enumerated, jit)
-    svi = SVI(model, guide, ClippedAdam({"lr": config.lr, "clip_norm": config.clip_norm}), elbo)
-    svi.elbo = elbo
-    return svi, extra
-
-
-def compile_steps(svi: SVI, vae: VAE, batches: list[torch.Tensor], extra: tuple, seed: int,
-                  binarize: bool = False) -> None:
-    """Run a compiled ELBO on each batch shape of an epoch before training: it is traced (and the
-    profiling executor settles) on a private random stream, and the gradients are dropped. A run
-    started here and one resumed here then draw the same training stream, step for step."""
-    with seeded(seed, batches[0].device), warnings.catch_warnings():
-        # torch 2.14 deprecates torch.jit.trace, which Pyro's Jit*_ELBO use; --no-jit avoids it
-        warnings.filterwarnings("ignore", message="`torch.jit.trace` is deprecated", category=FutureWarning)
-        for xb in batches:
-            xb = torch.bernoulli(xb) if binarize else xb
-            for _ in range(2):
-                svi.loss_and_grads(svi.model, svi.guide, xb, *extra)
-    for p in vae.parameters():
-        p.grad = None
-
-
-def _compile_or_fall_back(vae: VAE, config: Config, weight: KLWeight, train_x: torch.Tensor):
-    """(svi, extra, why not compiled or None): the compiled ELBO, traced on each batch shape of an epoch,
-    or, where the tracer cannot follow the model, the Python ELBO with the reason."""
-    svi, extra = make_svi(vae, config, weight)
-    not_compiled = why_not_compiled(config, vae.prior)
-    if not_compiled is not None:
-        return svi, extra, not_compiled
+def _compile_or_fall_back(vae: VAE, config: Config, weight: KLWeight, train_x: torch.Tensor) -> TrainingStep:
+    """The training step with the compiled ELBO, traced on each batch shape of an epoch, or, where the
+    tracer cannot follow the model, with the Python ELBO and the reason (``step.not_compiled``)."""
+    step = TrainingStep(vae, config, weight)
+    if step.not_compiled is not None:
+        return step
     n, bs = len(train_x), config.batch_size
     shapes = [train_x[:bs]] + ([train_x[: n % bs]] if n % bs and n > bs else [])
     try:
-        compile_steps(svi, vae, shapes, extra, seed=config.seed + 3 * EVAL_SEED_OFFSET, binarize=config.binarize)
+        step.compile(shapes, seed=config.seed + 3 * EVAL_SEED_OFFSET, binarize=config.binarize)
     except Exception as e:  # a model the tracer cannot follow: train it with the Python ELBO
         first_line = (str(e).strip().splitlines() or [""])[0][:200]
         for p in vae.parameters():
             p.grad = None
-        svi, extra = make_svi(vae, dataclasses.replace(config, jit=False), weight)
-        return svi, extra, f"torch.jit could not trace it ({type(e).__name__}: {first_line})"
-    return svi, extra, None
+        step = TrainingStep(vae, config, weight, jit=False)
+        step.not_compiled = f"torch.jit could not trace it ({type(e).__name__}: {first_line})"
+    return step
 
 
 # --------------------------------------------------------------------------- the loop
@@ -216,11 +184,11 @@ class _Progress:
     stale: int = 0
 
 
-def _restore(svi: SVI, checkpoint: Checkpoint | None, device: torch.device) -> _Progress:
-    """The optimizer, the random streams and the loop's progress as the checkpoint left them."""
+def _restore(step: TrainingStep, checkpoint: Checkpoint | None, device: torch.device) -> _Progress:
+    """The optimizer, the schedule, the random streams and the loop's progress as the checkpoint left them."""
     if checkpoint is None:
         return _Progress(history=[])
-    svi.optim.set_state(checkpoint.optim)
+    step.load_state_dict(checkpoint.optim)
     torch.set_rng_state(checkpoint.rng["cpu"])
     if device.type == "cuda" and checkpoint.rng.get("cuda") is not None:
         torch.cuda.set_rng_state(checkpoint.rng["cuda"], device)
@@ -228,7 +196,7 @@ def _restore(svi: SVI, checkpoint: Checkpoint | None, device: torch.device) -> _
                      best_epoch=checkpoint.best_epoch, stale=checkpoint.stale)
 
 
-def _train_epoch(svi: SVI, extra: tuple, weight: KLWeight, vae: VAE, train_x: torch.Tensor, config: Config,
+def _train_epoch(step: TrainingStep, weight: KLWeight, vae: VAE, train_x: torch.Tensor, config: Config,
                  epoch: int, bar, kept: str) -> float:
     """One pass over the training set in a random order; the mean training loss per data point.
     A non-finite loss raises :class:`TrainingDiverged` (``kept`` says what stays loadable)."""
@@ -243,7 +211,7 @@ def _train_epoch(svi: SVI, extra: tuple, weight: KLWeight, vae: VAE, train_x: to
         if config.binarize:
             xb = torch.bernoulli(xb)
         try:
-            loss = svi.step(xb, *extra)
+            loss = step.step(xb)
         except ValueError:  # with validation on, NaN parameters fail the distributions' checks
             if all(torch.isfinite(p).all() for p in vae.parameters()):
                 raise
@@ -256,25 +224,28 @@ def _train_epoch(svi: SVI, extra: tuple, weight: KLWeight, vae: VAE, train_x: to
     return total / n
 
 
-def _select_and_save(vae: VAE, svi: SVI, config: Config, files: RunFiles, info: dict, state: _Progress,
-                     record: dict, valid_x: torch.Tensor) -> None:
+def _select_and_save(vae: VAE, step: TrainingStep, config: Config, files: RunFiles, info: dict,
+                     state: _Progress, record: dict, valid_x: torch.Tensor) -> None:
     """Score the epoch (the validation ELBO; the beta-ELBO when beta != 1, the objective being trained),
-    keep the best weights, and write the history, the checkpoint and run.json."""
+    move the learning-rate schedule, keep the best weights, and write the history, the checkpoint and
+    run.json."""
     score = record["valid_elbo"]
     if config.beta != 1.0:  # beta-ELBO = ELBO + (1 - beta) rate
         score += (1.0 - config.beta) * _mean_rate(vae, valid_x, config.seed)
         record["valid_beta_elbo"] = score
+    record["lr"] = step.lr
+    step.end_epoch(score)
     state.history.append(record)
     epoch = record["epoch"]
     if score > state.best:
         state.best, state.best_epoch, state.stale = score, epoch, 0
         files.save_weights(vae.state_dict())
-    else:
+    elif epoch > config.warmup_epochs:  # the objective still moves during warm-up: patience starts after it
         state.stale += 1
     files.write_history(state.history)
     device = vae.device
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    files.save_checkpoint(Checkpoint(model=vae.state_dict(), optim=svi.optim.get_state(), rng=rng, epoch=epoch,
+    files.save_checkpoint(Checkpoint(model=vae.state_dict(), optim=step.state_dict(), rng=rng, epoch=epoch,
                                      history=state.history, best=state.best, best_epoch=state.best_epoch,
                                      stale=state.stale))
     selected_by = "validation ELBO" if config.beta == 1.0 else f"validation beta-ELBO (beta={config.beta:g})"
@@ -309,12 +280,12 @@ def _loop(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict, 
     weight = KLWeight(config.beta, config.warmup_epochs, device)
     train_x = data.train.to(device)
     held_out = {s: data.as_seen(s, config.binarize)[0].to(device) for s in ("valid", "test")}
-    svi, extra, not_compiled = _compile_or_fall_back(vae, config, weight, train_x)
-    info.update(elbo=type(svi.elbo).__name__, compiled=not_compiled is None)
+    step = _compile_or_fall_back(vae, config, weight, train_x)
+    info.update(elbo=type(step.elbo).__name__, compiled=step.not_compiled is None, optimizer="torch.optim.Adam")
     info.pop("not_compiled_because", None)
-    if not_compiled is not None:
-        info["not_compiled_because"] = not_compiled
-    state = _restore(svi, checkpoint, device)
+    if step.not_compiled is not None:
+        info["not_compiled_because"] = step.not_compiled
+    state = _restore(step, checkpoint, device)
 
     steps = math.ceil(len(train_x) / config.batch_size)
     bar = tqdm(total=config.epochs * steps, initial=state.start_epoch * steps, disable=not progress, unit="step",
@@ -324,13 +295,13 @@ def _loop(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict, 
         for epoch in range(state.start_epoch, config.epochs):
             started = time.perf_counter()
             kept = _kept(files.path, state.best_epoch)
-            train_loss = _train_epoch(svi, extra, weight, vae, train_x, config, epoch, bar, kept)
+            train_loss = _train_epoch(step, weight, vae, train_x, config, epoch, bar, kept)
             valid_elbo = evaluate_elbo(vae, held_out["valid"], seed=config.seed + EVAL_SEED_OFFSET)
             if not math.isfinite(valid_elbo):
                 raise TrainingDiverged(f"the validation ELBO became {valid_elbo} at epoch {epoch + 1}. " + kept)
             record = {"epoch": epoch + 1, "train_loss": train_loss, "valid_elbo": valid_elbo, "beta": weight.value,
                       "seconds": time.perf_counter() - started}
-            _select_and_save(vae, svi, config, files, info, state, record, held_out["valid"])
+            _select_and_save(vae, step, config, files, info, state, record, held_out["valid"])
             bar.set_postfix(epoch=epoch + 1, valid_elbo=f"{valid_elbo:.2f}", best=f"{state.best:.2f}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, record)

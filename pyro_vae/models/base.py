@@ -53,6 +53,11 @@ class Prior(nn.Module):
     def attach(self, guide: nn.Module) -> None:
         """Receive the guide (only called when ``needs_guide``). Default: nothing to do."""
 
+    def initialise_from_data(self, x: torch.Tensor, seed: int) -> None:
+        """Set the prior's parameters from training images ``x`` (``--prior-init data``). Default: the
+        prior has no such initialisation."""
+        raise PyroVAEError(f"--prior-init data is defined for the vamp prior, not for {type(self).__name__}")
+
     def guide_temperature(self) -> float | None:
         """The temperature a relaxed guide should use to match this prior (None: the configured one)."""
         return None

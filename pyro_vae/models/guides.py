@@ -24,15 +24,26 @@ MIN_SCALE = 1e-4
 
 
 class DiagonalNormal(nn.Module):
-    """N(mu(x), diag sigma(x)^2) on R^m: the encoder gives 2m numbers (mu, unconstrained sigma)."""
+    """N(mu(x), diag sigma(x)^2) on R^m: the encoder gives 2m numbers (mu, and u for the scale):
 
-    def __init__(self, dim: int):
+        softplus         sigma = 1e-4 + softplus(u)
+        bounded-logvar   log sigma^2 = hardtanh(u, -6, 2), sigma in [0.050, 2.72] (the VampPrior code's
+                         ``q_z_logvar``, ``NonLinear(..., activation=nn.Hardtanh(min_val=-6., max_val=2.))``)"""
+
+    SCALES = ("softplus", "bounded-logvar")
+
+    def __init__(self, dim: int, scale: str = "softplus"):
         super().__init__()
+        if scale not in self.SCALES:
+            raise PyroVAEError(f"unknown guide scale {scale!r}; choose one of {', '.join(self.SCALES)}")
         self.dim = dim
         self.num_inputs = 2 * dim
+        self.bounded = scale == "bounded-logvar"
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:
-        return dist.Normal(h[..., : self.dim], MIN_SCALE + softplus(h[..., self.dim :])).to_event(1)
+        u = h[..., self.dim :]
+        scale = torch.exp(0.5 * torch.nn.functional.hardtanh(u, -6.0, 2.0)) if self.bounded else MIN_SCALE + softplus(u)
+        return dist.Normal(h[..., : self.dim], scale).to_event(1)
 
     def location(self, h: torch.Tensor) -> torch.Tensor:
         return h[..., : self.dim]
@@ -182,7 +193,7 @@ def choose_family(guide: str, support, prior: Prior) -> str:
 
 
 def build_guide(guide: str, encoder_factory, latent_dim: int, prior: Prior, *, temperature: float,
-                flow_layers: int) -> AmortizedGuide:
+                flow_layers: int, scale: str = "softplus") -> AmortizedGuide:
     """The guide for a prior: ``encoder_factory(n)`` must return an encoder giving n numbers per x."""
     support = unwrap_mixture(prior.distribution_support())
     kind = choose_family(guide, support, prior)
@@ -190,7 +201,7 @@ def build_guide(guide: str, encoder_factory, latent_dim: int, prior: Prior, *, t
     if kind in EUCLIDEAN:
         transform = bijection(support)
         dim = transform.inverse_shape(torch.Size([latent_dim]))[-1] if transform is not None else latent_dim
-        family = {"normal": lambda: DiagonalNormal(dim), "full-covariance": lambda: FullCovarianceNormal(dim),
+        family = {"normal": lambda: DiagonalNormal(dim, scale), "full-covariance": lambda: FullCovarianceNormal(dim),
                   "iaf": lambda: InverseAutoregressiveFlow(dim, flow_layers)}[kind]()
     elif kind == "sphere":
         family = ProjectedNormalFamily(latent_dim)

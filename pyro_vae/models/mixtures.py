@@ -1,7 +1,11 @@
 """Mixture priors: a learned mixture of Gaussians (marginal or with its component enumerated) and the
-VampPrior, a mixture of the encoder's own posteriors at learned pseudo-inputs."""
+VampPrior, a mixture of the encoder's own posteriors at learned pseudo-inputs; and
+:class:`DiagonalNormalMixture`, their density computed at the cost of its arithmetic.
+"""
 
 from __future__ import annotations
+
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -14,6 +18,81 @@ from ..errors import PyroVAEError
 from .base import Prior
 
 _DEFAULTS = Config()
+
+
+class DiagonalNormalMixture(dist.TorchDistribution):
+    """p(z) = sum_k w_k N(z; mu_k, diag s_k^2), K components in R^d, w = softmax(logits): the density of
+    ``MixtureSameFamily(Categorical(logits), Normal(mu, s).to_event(1))``, computed as a performance
+    engineer would. Each component's log-density is a quadratic form in z,
+
+        log N(z; mu_k, s_k) = -1/2 sum_j z_j^2 P_kj + sum_j z_j mu_kj P_kj + c_k,    P_kj = 1 / s_kj^2,
+        c_k = -1/2 sum_j mu_kj^2 P_kj - sum_j log s_kj - d/2 log 2 pi,
+
+    so all K of them, for every z at once, are two matrix products, (z*z) @ P^T and z @ (mu P)^T, and
+    log p(z) = logsumexp_k (log w_k + log N(z; mu_k, s_k)) one reduction. The broadcast form costs a
+    (batch, K, d) tensor per elementwise operation, forward and backward; this costs two GEMMs.
+
+    Precision: the expansion subtracts terms of size sum_j (z_j^2 + mu_kj^2) P_kj, so in float32 a
+    component's log-density carries a rounding error of about 1e-7 times that, where the broadcast form's
+    is 1e-7 times the difference itself. Measured at K = 500, d = 40, |z| <= 4, scales >= 0.05 (the
+    bounded-logvar guide's floor): about 2e-3 nats at most, against 6e-5 for the broadcast form (tests/
+    test_mixtures.py), far below the Monte Carlo error of any ELBO or log p(x) estimate. ``compute_dtype=
+    torch.float64`` computes the quadratic form in double precision (about 1.8 times the mixture's cost
+    on a CPU)."""
+
+    arg_constraints = {"logits": constraints.real_vector, "loc": constraints.real_vector,
+                       "scale": constraints.independent(constraints.positive, 1)}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, validate_args=None,
+                 compute_dtype: torch.dtype | None = None):
+        if loc.dim() != 2 or scale.shape != loc.shape or logits.shape != loc.shape[:1]:
+            raise ValueError(f"expected logits (K,), loc and scale (K, d); got {tuple(logits.shape)}, "
+                             f"{tuple(loc.shape)}, {tuple(scale.shape)}")
+        self.logits, self.loc, self.scale = logits, loc, scale
+        self.compute_dtype = compute_dtype
+        super().__init__(torch.Size(), loc.shape[-1:], validate_args=validate_args)
+
+    @property
+    def num_components(self) -> int:
+        return self.loc.shape[0]
+
+    def component_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """log w_k + log N(value; mu_k, s_k) for every component: shape value.shape[:-1] + (K,)."""
+        compute = self.compute_dtype or torch.promote_types(value.dtype, self.loc.dtype)
+        z, loc, scale = value.to(compute), self.loc.to(compute), self.scale.to(compute)
+        precision = scale.pow(-2)                                             # (K, d)
+        const = (torch.log_softmax(self.logits.to(compute), -1) - 0.5 * (loc.pow(2) * precision).sum(-1)
+                 - scale.log().sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi))
+        flat = z.reshape(-1, z.shape[-1])
+        quad = (flat * flat) @ (-0.5 * precision).T + flat @ (loc * precision).T   # (n, K)
+        return (quad + const).reshape(*value.shape[:-1], -1)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return torch.logsumexp(self.component_log_prob(value), -1).to(value.dtype)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            k = dist.Categorical(logits=self.logits).sample(sample_shape)
+            return self.loc[k] + self.scale[k] * torch.randn_like(self.loc[k])
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (torch.softmax(self.logits, -1)[:, None] * self.loc).sum(0)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        w = torch.softmax(self.logits, -1)[:, None]
+        mean = (w * self.loc).sum(0)
+        return (w * (self.scale.pow(2) + self.loc.pow(2))).sum(0) - mean.pow(2)
+
+    def as_mixture_same_family(self) -> dist.MixtureSameFamily:
+        """The same distribution as Pyro's MixtureSameFamily (the slow, broadcast form)."""
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits),
+                                      dist.Normal(self.loc, self.scale).to_event(1))
 
 
 def _mixture_init(components: int, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +124,7 @@ class MixtureOfGaussians(Prior):
         return dist.Normal(self.means, self.log_scales.exp()).to_event(1)
 
     def forward(self):
-        return dist.MixtureSameFamily(self.component_weights(), self.components())
+        return DiagonalNormalMixture(self.logits, self.means, self.log_scales.exp())
 
 
 class EnumeratedMixture(MixtureOfGaussians):
@@ -74,7 +153,10 @@ class VampPrior(Prior):
     def __init__(self, latent_dim: int, data_dim: int, components: int = _DEFAULTS.prior_components):
         super().__init__()
         gen = torch.Generator().manual_seed(0)
-        self.raw_pseudo_inputs = nn.Parameter(-1.0 + 0.1 * torch.randn(components, data_dim, generator=gen))
+        # pixels ~ N(0.05, 0.01^2), as the VampPrior code starts them on static MNIST (utils/load_data.py sets
+        # pseudoinputs_mean = 0.05, pseudoinputs_std = 0.01); u = sigmoid(raw) keeps them in (0, 1)
+        start = (0.05 + 0.01 * torch.randn(components, data_dim, generator=gen)).clamp(1e-3, 1 - 1e-3)
+        self.raw_pseudo_inputs = nn.Parameter(torch.logit(start))
         self._guide: list = []  # held outside the module tree: the guide's parameters belong to the guide
 
     def attach(self, guide: nn.Module) -> None:
@@ -84,9 +166,26 @@ class VampPrior(Prior):
     def pseudo_inputs(self) -> torch.Tensor:
         return torch.sigmoid(self.raw_pseudo_inputs)
 
+    @torch.no_grad()
+    def initialise_from_data(self, x: torch.Tensor, seed: int) -> None:
+        """Pseudo-inputs = K training images (drawn without replacement from ``seed``) plus N(0, 0.01^2)
+        noise, clamped into [1e-3, 1 - 1e-3] (u_k = sigmoid(raw_k)): the VampPrior code's
+        ``use_training_data_init`` (``models/Model.py``: the first K shuffled training images
+        ``+ 0.01 * np.random.randn``)."""
+        k = self.raw_pseudo_inputs.shape[0]
+        if len(x) < k:
+            raise PyroVAEError(f"--prior-init data needs at least {k} training images, got {len(x)}")
+        gen = torch.Generator().manual_seed(seed)
+        chosen = x[torch.randperm(len(x), generator=gen)[:k]].cpu().float()
+        u = (chosen + 0.01 * torch.randn(chosen.shape, generator=gen)).clamp(1e-3, 1 - 1e-3)
+        self.raw_pseudo_inputs.copy_(torch.logit(u).to(self.raw_pseudo_inputs.device))
+
     def forward(self):
         if not self._guide:
             raise PyroVAEError("the VampPrior needs the guide: call prior.attach(guide) first")
-        q = self._guide[0](self.pseudo_inputs)  # batch (K,), event (d,)
-        weights = dist.Categorical(logits=torch.zeros(q.batch_shape, device=self.raw_pseudo_inputs.device))
-        return dist.MixtureSameFamily(weights, q)
+        q = self._guide[0](self.pseudo_inputs)  # the K posteriors: batch (K,), event (d,); encoded once per call
+        logits = torch.zeros(q.batch_shape, device=self.raw_pseudo_inputs.device)
+        base = getattr(q, "base_dist", None)
+        if isinstance(q, dist.Independent) and isinstance(base, dist.Normal) and q.reinterpreted_batch_ndims == 1:
+            return DiagonalNormalMixture(logits, base.loc, base.scale)  # the default guide: the fast density
+        return dist.MixtureSameFamily(dist.Categorical(logits=logits), q)

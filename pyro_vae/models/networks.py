@@ -17,6 +17,40 @@ def mlp(in_dim: int, hidden_dim: int, hidden_layers: int, out_dim: int) -> nn.Se
     return nn.Sequential(*layers)
 
 
+class GatedDense(nn.Module):
+    """h = (W1 x + b1) * sigmoid(W2 x + b2): the gated dense layer of the VampPrior code (Tomczak &
+    Welling 2018, ``utils/nn.py`` ``GatedDense``; after Dauphin et al. 2017's gated linear units)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.h = nn.Linear(in_dim, out_dim)
+        self.g = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(x) * torch.sigmoid(self.g(x))
+
+
+def he_init(module: nn.Module) -> nn.Module:
+    """Weights of every Linear ~ N(0, 2 / fan_in), biases as PyTorch leaves them: the VampPrior code's
+    ``he_init`` (``utils/nn.py``), applied there to every ``nn.Linear``."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, (2.0 / m.in_features) ** 0.5)
+    return module
+
+
+def gated_mlp(in_dim: int, hidden_dim: int, hidden_layers: int, out_dim: int) -> nn.Sequential:
+    """in_dim -> GatedDense x hidden_layers -> Linear -> out_dim, He-initialised: the encoder and decoder
+    of the VampPrior paper's one-layer VAE (2 x 300 gated units) when hidden_layers=2, hidden_dim=300."""
+    layers: list[nn.Module] = []
+    width = in_dim
+    for _ in range(hidden_layers):
+        layers.append(GatedDense(width, hidden_dim))
+        width = hidden_dim
+    layers.append(nn.Linear(width, out_dim))
+    return he_init(nn.Sequential(*layers))
+
+
 class ConvEncoder(nn.Module):
     """28x28 image -> out_dim, through two stride-2 convolutions (28 -> 14 -> 7)."""
 
@@ -59,16 +93,17 @@ class ConvDecoder(nn.Module):
         return self.deconv(h).reshape(*lead, 784)
 
 
-NETWORKS = ("mlp", "conv")
+NETWORKS = ("mlp", "gated-mlp", "conv")
 """The network kinds ``--network`` names."""
 
 
 def build_networks(kind: str, data_dim: int, image_shape, latent_dim: int, hidden_dim: int, hidden_layers: int,
                    encoder_out: int, decoder_out: int) -> tuple[nn.Module, nn.Module]:
     """The (encoder, decoder) pair: encoder maps x (D) to ``encoder_out`` numbers, decoder z to ``decoder_out``."""
-    if kind == "mlp":
-        return (mlp(data_dim, hidden_dim, hidden_layers, encoder_out),
-                mlp(latent_dim, hidden_dim, hidden_layers, decoder_out))
+    if kind in ("mlp", "gated-mlp"):
+        make = mlp if kind == "mlp" else gated_mlp
+        return (make(data_dim, hidden_dim, hidden_layers, encoder_out),
+                make(latent_dim, hidden_dim, hidden_layers, decoder_out))
     if kind == "conv":
         from ..errors import PyroVAEError
 
@@ -77,4 +112,4 @@ def build_networks(kind: str, data_dim: int, image_shape, latent_dim: int, hidde
         return ConvEncoder(encoder_out, hidden_dim), ConvDecoder(latent_dim, hidden_dim)
     from ..errors import PyroVAEError
 
-    raise PyroVAEError(f"unknown network {kind!r}; choose mlp or conv")
+    raise PyroVAEError(f"unknown network {kind!r}; choose one of {', '.join(NETWORKS)}")

@@ -107,7 +107,7 @@ def build_vae(config: Config, data_dim: int, image_shape, binary: bool, prior=No
         return encoder
 
     guide = build_guide(config.guide, encoder_factory, d, prior_module, temperature=config.prior_temperature,
-                        flow_layers=config.guide_flow_layers)
+                        flow_layers=config.guide_flow_layers, scale=config.guide_scale)
     if prior_module.needs_guide:
         prior_module.attach(guide)
         check_prior(prior_module, d)

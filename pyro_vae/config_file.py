@@ -1,0 +1,97 @@
+"""Config files and recipes: a run's settings, and a study's, written down once.
+
+A config file is TOML (read with the standard library's ``tomllib``), JSON (a run's config.json), or
+YAML where PyYAML is installed. Its top-level keys are :class:`~pyro_vae.config.Config` fields (the
+``train`` flags without their dashes, ``latent_dim = 40``); an optional ``[study]`` table holds what
+``compare`` and ``sweep-beta`` take besides (``priors``, ``betas``, ``latent_dims``, ``seeds``, ``k``).
+Every flag given on the command line overrides the file.
+
+Recipes ship with the package in ``pyro_vae/recipes/``: ``--config recipes/vampprior-static-mnist.toml``
+(or just ``--config vampprior-static-mnist``) finds one when no such file exists where you are.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import PyroVAEError
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+STUDY_OPTIONS = {"priors": (list, str), "betas": (list, (int, float)), "latent_dims": (list, int),
+                 "seeds": (int, None), "k": (int, None)}
+
+
+@dataclass
+class ConfigFile:
+    """What a config file says: Config fields (checked for names and types) and study options."""
+
+    path: Path
+    fields: dict = field(default_factory=dict)
+    study: dict = field(default_factory=dict)
+
+
+def recipes() -> list[str]:
+    """The names of the recipes shipped with the package."""
+    return sorted(p.stem for p in RECIPES.glob("*.toml"))
+
+
+def find_config_file(name: str | Path) -> Path:
+    """The file ``name`` if it exists, else the shipped recipe of that name."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (RECIPES / path.name, RECIPES / f"{path.name}.toml"):
+        if candidate.is_file():
+            return candidate
+    raise PyroVAEError(f"config file {name} does not exist (shipped recipes: {', '.join(recipes()) or 'none'})")
+
+
+def _parse(path: Path) -> Any:
+    text = path.read_bytes()
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text.decode())
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise PyroVAEError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or write it as TOML") from None
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except PyroVAEError:
+        raise
+    except Exception as e:  # tomllib.TOMLDecodeError, json's ValueError, yaml.YAMLError, UnicodeDecodeError
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise PyroVAEError(f"{path}: not a valid {path.suffix.lstrip('.').upper() or 'JSON'} file ({first})") from None
+
+
+def read_config_file(name: str | Path) -> ConfigFile:
+    """Read and check a config file (see the module docstring); one-line errors that name the file."""
+    path = find_config_file(name)
+    content = _parse(path)
+    if not isinstance(content, dict):
+        raise PyroVAEError(f"{path}: expected a table of config fields, got {type(content).__name__}")
+    content = dict(content)
+    study = content.pop("study", {})
+    if not isinstance(study, dict):
+        raise PyroVAEError(f"{path}: [study] must be a table")
+    try:
+        Config.from_dict(content).validate()  # names, types and ranges of the fields it sets
+    except PyroVAEError as e:
+        raise PyroVAEError(f"{path}: {e}") from None
+    for key, value in study.items():
+        if key not in STUDY_OPTIONS:
+            raise PyroVAEError(f"{path}: unknown [study] option {key!r}; choose from {', '.join(STUDY_OPTIONS)}")
+        outer, inner = STUDY_OPTIONS[key]
+        ok = isinstance(value, outer) and not isinstance(value, bool)
+        if ok and outer is list:
+            ok = len(value) > 0 and all(isinstance(v, inner) and not isinstance(v, bool) for v in value)
+        if not ok:
+            raise PyroVAEError(f"{path}: [study] {key} must be {'a non-empty list' if outer is list else 'an integer'}"
+                               f", got {value!r:.60}")
+    return ConfigFile(path=path, fields=content, study=study)

@@ -1,0 +1,123 @@
+"""One training step, as lean as plain PyTorch: Pyro's ELBO computes the loss and its gradients
+(compiled with torch.jit where :func:`~pyro_vae.inference.objectives.why_not_compiled` allows), and a
+single ``torch.optim.Adam`` steps every parameter at once.
+
+    loss = ELBO.loss_and_grads(model, guide, x[, beta])      (Pyro: Trace_ELBO, its JIT twin, ...)
+    with --optimizer adam-normgrad: each gradient divided by its L2 norm (the VampPrior code's AdamNormGrad)
+    clamp every gradient element to [-clip_norm, clip_norm]  (one fused pass; as Pyro's ClippedAdam)
+    Adam step over all parameters (foreach), gradients set to None
+    after each epoch: the learning-rate schedule (constant, reduce-on-plateau, cosine)
+
+This is Pyro's ELBO-as-a-loss idiom (``Trace_ELBO()(model, guide)`` with one torch optimizer) rather than
+``SVI`` with a ``PyroOptim``, which keeps one optimizer per parameter and steps them one by one.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..config import Config
+from ..errors import PyroVAEError
+from ..seeding import seeded
+from .objectives import KLWeight, kl_weighted, make_elbo, why_not_compiled
+
+SCHEDULES = ("constant", "plateau", "cosine")
+"""The learning-rate schedules ``--lr-schedule`` names."""
+
+
+def make_schedule(config: Config, optim: torch.optim.Optimizer):
+    """The learning-rate schedule of ``config`` on ``optim`` (None for a constant rate):
+
+    ``plateau``  multiply the rate by ``lr_factor`` after ``lr_patience`` epochs without a better
+                 validation score (``torch.optim.lr_scheduler.ReduceLROnPlateau``, mode max), down to ``lr_min``
+    ``cosine``   anneal from ``lr`` to ``lr_min`` over ``epochs`` epochs (``CosineAnnealingLR``)"""
+    if config.lr_schedule == "constant":
+        return None
+    if config.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optim, mode="max", factor=config.lr_factor,
+                                                          patience=config.lr_patience, min_lr=config.lr_min)
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=config.epochs, eta_min=config.lr_min)
+    raise PyroVAEError(f"unknown lr_schedule {config.lr_schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+class TrainingStep:
+    """The training step of a VAE under ``config``: ``step(x)`` is one mini-batch, ``end_epoch(score)``
+    moves the learning-rate schedule, ``state_dict()`` is what a checkpoint keeps.
+
+    ``extra``: the arguments each model call takes after x, (beta,) as a tensor that KL warm-up moves
+    in place, or () when beta is constantly 1 and model and guide run unwrapped. ``jit=False`` forces
+    the Python ELBO (``jit=True`` compiles whatever the prior declares: for tests that show why a prior is
+    not compiled); ``not_compiled`` says why it is not compiled (None: it is)."""
+
+    def __init__(self, vae, config: Config, weight: KLWeight, jit: bool | None = None):
+        model = vae.enumerated_model if vae.enumerated else vae.model
+        guide = vae.guide
+        self.extra: tuple = ()
+        if not weight.constant_one:
+            model, guide, self.extra = kl_weighted(model), kl_weighted(guide), (weight.tensor,)
+        self.model, self.guide = model, guide
+        self.not_compiled = why_not_compiled(config, vae.prior) if jit is None else (None if jit else "--no-jit")
+        self.elbo = make_elbo(config.objective, config.num_particles, vae.enumerated, self.not_compiled is None)
+        self.params = [p for p in vae.parameters() if p.requires_grad]
+        self.optim = torch.optim.Adam(self.params, lr=config.lr, foreach=True)
+        self.clip = config.clip_norm
+        self.normalise = config.optimizer == "adam-normgrad"
+        self.schedule = make_schedule(config, self.optim)
+
+    def loss_and_grads(self, x: torch.Tensor) -> float:
+        """The loss (minus the ELBO, summed over the batch) with its gradients accumulated into .grad."""
+        return self.elbo.loss_and_grads(self.model, self.guide, x, *self.extra)
+
+    def step(self, x: torch.Tensor) -> float:
+        """One optimisation step on the mini-batch x; the loss before it."""
+        loss = self.loss_and_grads(x)
+        if self.normalise:  # AdamNormGrad: grad / (||grad||_2 + 1e-7), per parameter tensor
+            grads = [p.grad for p in self.params if p.grad is not None]
+            torch._foreach_div_(grads, torch._foreach_add(torch._foreach_norm(grads), 1e-7))
+        if self.clip:
+            torch.nn.utils.clip_grad_value_(self.params, self.clip, foreach=True)
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
+        return loss
+
+    def end_epoch(self, score: float) -> None:
+        """After an epoch: move the schedule (reduce-on-plateau reads the validation ``score``)."""
+        if isinstance(self.schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.schedule.step(score)
+        elif self.schedule is not None:
+            self.schedule.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optim.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"optim": self.optim.state_dict(),
+                "schedule": self.schedule.state_dict() if self.schedule is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or "optim" not in state or "param_groups" not in state["optim"]:
+            raise PyroVAEError("the checkpoint holds the optimizer of an older pyro-vae (one ClippedAdam per "
+                               "parameter), which this version cannot continue: train the run again")
+        self.optim.load_state_dict(state["optim"])
+        if self.schedule is not None and state.get("schedule") is not None:
+            self.schedule.load_state_dict(state["schedule"])
+
+    def compile(self, batches: list[torch.Tensor], seed: int, binarize: bool = False) -> None:
+        """Run a compiled ELBO on each batch shape of an epoch before training: it is traced (and the
+        profiling executor settles) on a private random stream, and the gradients are dropped. A run
+        started here and one resumed here then draw the same training stream, step for step."""
+        with seeded(seed, batches[0].device), warnings.catch_warnings():
+            # torch 2.14 deprecates torch.jit.trace, which Pyro's Jit*_ELBO use; --no-jit avoids it
+            warnings.filterwarnings("ignore", message="`torch.jit.trace` is deprecated", category=FutureWarning)
+            for xb in batches:
+                xb = torch.bernoulli(xb) if binarize else xb
+                for _ in range(2):
+                    self.loss_and_grads(xb)
+        self.optim.zero_grad(set_to_none=True)
+
+
+__all__ = ["TrainingStep", "make_schedule", "SCHEDULES"]

@@ -1,0 +1,103 @@
+"""Mixture priors at the cost of their arithmetic: the matrix-product density against Pyro's
+MixtureSameFamily, values and gradients; the VampPrior and the mixture of Gaussians use it."""
+
+import math
+
+import pyro.distributions as dist
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyro_vae import build_vae
+from pyro_vae.models.mixtures import DiagonalNormalMixture, MixtureOfGaussians, VampPrior
+
+from conftest import tiny_config
+
+
+def _random_mixture(k, d, seed, dtype=torch.float64, min_scale=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(k, generator=gen, dtype=dtype).requires_grad_()
+    loc = (2 * torch.randn(k, d, generator=gen, dtype=dtype)).requires_grad_()
+    scale = (min_scale + torch.rand(k, d, generator=gen, dtype=dtype) * 2).requires_grad_()
+    return logits, loc, scale
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 60), d=st.integers(1, 12), batch=st.sampled_from([(), (5,), (3, 4)]), seed=st.integers(0, 99))
+def test_fast_mixture_density_and_gradients_equal_mixture_same_family(k, d, batch, seed):
+    logits, loc, scale = _random_mixture(k, d, seed)
+    z = (3 * torch.randn(*batch, d, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+         ).requires_grad_()
+    fast = DiagonalNormalMixture(logits, loc, scale)
+    slow = fast.as_mixture_same_family()
+    lp_fast, lp_slow = fast.log_prob(z), slow.log_prob(z)
+    assert lp_fast.shape == lp_slow.shape == batch
+    assert torch.allclose(lp_fast, lp_slow, atol=1e-5, rtol=0)
+    grads_fast = torch.autograd.grad(lp_fast.sum(), (z, logits, loc, scale))
+    grads_slow = torch.autograd.grad(lp_slow.sum(), (z, logits, loc, scale))
+    for a, b in zip(grads_fast, grads_slow):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_float32_error_stays_within_its_documented_bound():
+    """In float32 the expansion costs precision where components are narrow: at |z| <= 4 and scales
+    >= 0.05 (the bounded-logvar guide's floor) about 2e-3 nats at most, as the docstring says."""
+    logits, loc, scale = (t.detach() for t in _random_mixture(500, 40, 0))
+    z = (torch.rand(2000, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 8 - 4)
+    z[:500] = loc[:500] + 0.1 * torch.randn(500, 40, dtype=torch.float64,  # right on top of components too
+                                            generator=torch.Generator().manual_seed(2))
+    z = z.clamp(-4, 4)
+    reference = DiagonalNormalMixture(logits, loc, scale).log_prob(z)
+    fast32 = DiagonalNormalMixture(logits.float(), loc.float(), scale.float()).log_prob(z.float())
+    assert fast32.dtype == torch.float32
+    assert (fast32.double() - reference).abs().max() < 3e-3
+    fast64 = DiagonalNormalMixture(logits.float(), loc.float(), scale.float(), compute_dtype=torch.float64)
+    assert (fast64.log_prob(z.float()).double() - reference).abs().max() < 1e-4
+
+
+def test_sampling_mean_and_variance_follow_the_mixture():
+    logits, loc, scale = (t.detach() for t in _random_mixture(3, 2, 4))
+    mix = DiagonalNormalMixture(logits, loc, scale)
+    slow = mix.as_mixture_same_family()
+    torch.manual_seed(0)
+    z = mix.sample((40_000,))
+    assert z.shape == (40_000, 2)
+    assert torch.allclose(mix.mean, slow.mean) and torch.allclose(mix.variance, slow.variance)
+    assert torch.allclose(z.mean(0), slow.mean, atol=0.05) and torch.allclose(z.var(0), slow.variance, rtol=0.05)
+    # the log-density integrates to 1 in 1-D
+    one = DiagonalNormalMixture(*(t.detach() for t in _random_mixture(4, 1, 5)))
+    grid = torch.linspace(-15, 15, 30001, dtype=torch.float64)[:, None]
+    assert torch.trapezoid(one.log_prob(grid).exp(), grid[:, 0]).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_mixture_priors_use_the_fast_density():
+    mog = MixtureOfGaussians(4, components=7)
+    assert isinstance(mog(), DiagonalNormalMixture)
+    z = torch.randn(10, 4)
+    assert torch.allclose(mog().log_prob(z), mog().as_mixture_same_family().log_prob(z), atol=1e-5)
+    vae = build_vae(tiny_config(prior="vamp", prior_components=6, latent_dim=3), 64, (8, 8), False)
+    prior = vae.prior()
+    assert isinstance(prior, DiagonalNormalMixture) and prior.num_components == 6
+    q = vae.guide_dist(vae.prior.pseudo_inputs)
+    slow = dist.MixtureSameFamily(dist.Categorical(logits=torch.zeros(6)), q)
+    assert torch.allclose(prior.log_prob(z[:, :3]), slow.log_prob(z[:, :3]), atol=1e-5)
+    # a guide that is not a diagonal Normal keeps the general mixture
+    full = build_vae(tiny_config(prior="vamp", prior_components=6, latent_dim=3, guide="full-covariance"), 64,
+                     (8, 8), False)
+    assert isinstance(full.prior(), dist.MixtureSameFamily)
+
+
+def test_pseudo_inputs_start_as_the_paper_or_as_training_images(digits):
+    prior = VampPrior(3, 64, components=20)
+    u = prior.pseudo_inputs
+    assert u.mean().item() == pytest.approx(0.05, abs=0.002) and u.std().item() == pytest.approx(0.01, abs=0.002)
+    prior.initialise_from_data(digits.train, seed=3)
+    u = prior.pseudo_inputs.detach()
+    distance = torch.cdist(u, digits.train).min(1).values  # each pseudo-input is one training image + noise
+    assert (distance < 0.01 * math.sqrt(64) * 2).all()
+    again = VampPrior(3, 64, components=20)
+    again.initialise_from_data(digits.train, seed=3)
+    assert torch.equal(again.raw_pseudo_inputs, prior.raw_pseudo_inputs)
+    with pytest.raises(Exception, match="at least 20 training images"):
+        again.initialise_from_data(digits.train[:5], seed=0)
