@@ -50,13 +50,13 @@ def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1
         status = files.read_info().get("status")
         if status != "finished":
             if files.has_checkpoint() and status in ("interrupted", "running"):
-                resume(path, progress=False, trust=True)  # its config is this setting's, named by the caller
+                resume(path, progress=progress, trust=True)  # its config is this setting's, named by the caller
             else:
                 if path.exists():  # a start that wrote nothing useful: begin again
                     _clear(path)
-                train(s.config, path, progress=False)
+                train(s.config, path, progress=progress)
         if not files.has_metrics():
-            evaluate(load_run(path, trust=True), num_particles=k, progress=False)
+            evaluate(load_run(path, trust=True), num_particles=k, progress=progress)
     bar.close()
     return write_report(kind, settings, out, command)
 
