@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 
@@ -312,8 +314,14 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "reconstruct": cmd_reconst
             "analyze": cmd_analyze, "compare": cmd_study, "sweep-beta": cmd_study}
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, a cluster's scheduler) ends a run as Ctrl-C does: recorded, resumable
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except PyroVAEError as e:

@@ -362,3 +362,26 @@ def test_the_weights_of_a_run_stay_weights(trained):
     torch.save({"x": __import__("pathlib").Path("x")}, evil)  # an object: needs pickle's code path
     with pytest.raises(PyroVAEError, match="cannot read"):
         torch_load(evil, "the weights")
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
+    """A scheduler's SIGTERM (or kill) is recorded as an interrupt, the last checkpoint is kept, and the run
+    resumes."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "pyro_vae.cli", "train", "--out", str(out), "--epochs", "500",
+                             "--hidden-dim", "32", "--hidden-layers", "1", "--patience", "0", "--quiet"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["epochs_completed"] >= 1
+    assert f"the checkpoint of epoch" in err and "--resume" in err
+    assert main(["train", "--resume", str(out), "--epochs", str(info["epochs_completed"] + 1), "--quiet"]) == 0

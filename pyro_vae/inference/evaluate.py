@@ -50,7 +50,7 @@ def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None,
         out["elbo"] = mean_and_stderr(elbo)
         bar.update()
         bar.set_postfix_str(stages[1])
-        loglik = iw_log_likelihood(vae, x, num_particles=num_particles, batch_size=_iw_batch(num_particles, x))
+        loglik = iw_log_likelihood(vae, x, num_particles=num_particles, progress=progress)
         out["log_likelihood"] = mean_and_stderr(loglik)
         out["gap_loglik_minus_elbo"] = mean_and_stderr(loglik - elbo)
         bar.update()
@@ -83,11 +83,6 @@ def check_evaluation_fits(vae, num_particles: int, num_samples: int) -> None:
                                                             if p.dim() == 1)
     check_fits(f"--k {num_particles}", 2.0 * num_particles * width, str(vae.device))
     check_fits(f"--samples {num_samples}", 4.0 * num_samples * (vae.data_dim + vae.latent_dim), str(vae.device))
-
-
-def _iw_batch(num_particles: int, x: torch.Tensor) -> int:
-    """Data points per batch so that K x batch x D stays near 20 million numbers."""
-    return max(1, min(len(x), 20_000_000 // (num_particles * x.shape[1])))
 
 
 def _sample_metrics(run: Run, data, x, labels, num_samples: int, seed: int) -> dict:

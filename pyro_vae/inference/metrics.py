@@ -31,8 +31,12 @@ def log_weights(vae, x: torch.Tensor, num_particles: int) -> torch.Tensor:
     return log_w.expand(num_particles, x.shape[0])
 
 
-def _batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([fn(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+def _batched(fn, x: torch.Tensor, batch_size: int, progress: bool = False, desc: str = "") -> torch.Tensor:
+    from tqdm.auto import tqdm
+
+    starts = range(0, x.shape[0], batch_size)
+    return torch.cat([fn(x[i : i + batch_size]) for i in tqdm(starts, disable=not progress, desc=desc, leave=False,
+                                                               unit="batch", dynamic_ncols=True)])
 
 
 def elbo_per_datapoint(vae, x: torch.Tensor, num_particles: int = 1, batch_size: int = 1000) -> torch.Tensor:
@@ -40,13 +44,29 @@ def elbo_per_datapoint(vae, x: torch.Tensor, num_particles: int = 1, batch_size:
     return _batched(lambda xb: log_weights(vae, xb, num_particles).mean(0), x, batch_size)
 
 
-def iw_log_likelihood(vae, x: torch.Tensor, num_particles: int = 1000, batch_size: int = 100) -> torch.Tensor:
-    """The importance-weighted estimate of log p(x) of each data point, shape (N,)."""
+def iw_log_likelihood(vae, x: torch.Tensor, num_particles: int = 1000, batch_size: int | None = None,
+                      progress: bool = False) -> torch.Tensor:
+    """The importance-weighted estimate of log p(x) of each data point, shape (N,). ``batch_size`` data
+    points at a time (default :func:`iw_batch_size`: memory bounded whatever K is)."""
+    batch_size = batch_size or iw_batch_size(vae, num_particles)
     return _batched(
         lambda xb: torch.logsumexp(log_weights(vae, xb, num_particles), 0) - math.log(num_particles),
-        x,
-        batch_size,
+        x, batch_size, progress, f"log p(x), K={num_particles}",
     )
+
+
+def iw_batch_size(vae, num_particles: int, budget: int = 20_000_000) -> int:
+    """Data points per batch such that the largest tensors of an importance-weighted evaluation, K
+    particles x batch x (pixels, the widest hidden layer, mixture components), stay near ``budget``
+    numbers (80 MB in float32): K = 5000 runs in the same memory as K = 100."""
+    widths = [vae.data_dim] + [p.shape[0] for p in vae.decoder.parameters() if p.dim() == 1]
+    with torch.no_grad():
+        prior = vae.prior()
+    components = getattr(prior, "num_components", None)
+    if components is None and isinstance(prior, torch.distributions.MixtureSameFamily):
+        components = prior.mixture_distribution.logits.shape[-1] * vae.latent_dim
+    width = max(widths) + (components or 0)
+    return max(1, budget // (num_particles * width))
 
 
 def mean_and_stderr(values: torch.Tensor) -> tuple[float, float]:
