@@ -1,20 +1,34 @@
-"""Speed: pyro-vae against the same VAE hand-written in plain PyTorch, timed in one process, interleaved.
+"""Speed: pyro-vae against an honest plain-PyTorch twin, timed side by side in one process.
 
     .venv/bin/python benchmarks/speed.py --data-root ../shared/data/binarized_mnist [--repeats 9] [--device cpu]
+    .venv/bin/python benchmarks/speed.py --data-root ... --only mog500 vamp500 floor     # some workloads again
 
-Workloads (static binarized MNIST, the standard-normal MLP VAE 784-300-300-40, Bernoulli likelihood,
-batch 100, one-particle ELBO, Adam with each gradient element clamped to ±10 as ClippedAdam does).
-The pyro-vae side is the training step of `pyro-vae train` itself (`inference.train.make_svi`), the
-plain side the same VAE written by hand, sharing its networks and initial weights:
-  train          one epoch (--train-images images): SVI steps on the compiled ELBO (JitTrace_ELBO, the default)
-  train-no-jit   the same with --no-jit (Trace_ELBO)
-  vamp           one training epoch with the VampPrior (K = 50 pseudo-inputs), compiled
-  vamp-no-jit    the same with --no-jit
-  eval           importance-weighted log p(x), K = 1000, on --eval-images test images
-Each is run --repeats times, pyro-vae and plain back to back (alternating which goes first); printed
-are the median time of each side and the median of the paired ratios pyro-vae / plain, with their
-quartiles (pairing cancels the slow drifts of a shared machine). Peak memory (max RSS) is measured
-per workload in a fresh child process. Results go to benchmarks/results/speed-<device>.json.
+The model: static binarized MNIST, the MLP VAE 784-300-300-40 (softplus), Bernoulli likelihood, batch
+100, one-particle ELBO, Adam (lr 1e-3) with every gradient element clamped to +-10 (pyro-vae's default
+``clip_norm``; the twin clamps the same way, with ``clip_grad_value_``).
+
+The pyro-vae side is what ``pyro-vae train`` and ``pyro-vae evaluate`` run: ``inference.step.TrainingStep``
+(the compiled ELBO, one ``torch.optim.Adam``), ``pyro_vae.train`` itself for the end-to-end epoch, and
+``pyro_vae.iw_log_likelihood``. The plain side is what a speed-minded user would write instead: tensor
+arithmetic for the ELBO (reparameterised z, the Gaussian densities by hand, BCE with logits), a mixture
+prior's density as two matrix products and a logsumexp, one ``torch.optim.Adam``, no validation of
+distribution arguments. It shares the networks' initial weights, nothing else.
+
+Workloads (--train-images images an epoch, --eval-images test images):
+  step         one epoch of training steps, N(0, I), compiled (the default)
+  step-no-jit  the same with --no-jit (Pyro's Python Trace_ELBO)
+  epoch        end to end: pyro_vae.train epochs (steps, validation ELBO on --valid-images, checkpoint,
+               history, run.json) against the twin's epoch plus its validation ELBO
+  mog500       one epoch of steps with a mixture of K = 500 Gaussians in d = 40
+  vamp500      one epoch of steps with the VampPrior, K = 500 pseudo-inputs
+  floor        the VampPrior's floor: the N(0, I) step plus the encoder's forward and backward pass on the
+               K = 500 pseudo-inputs, each step (pyro-vae side) against the twin doing the same
+  eval         importance-weighted log p(x), K = 1000
+Each runs --repeats times, the two sides back to back, alternating which goes first (the end-to-end
+epoch: pyro-vae's epoch, then the twin's, inside pyro_vae.train's on_epoch_end). Printed are the medians
+and the median of the paired ratios pyro-vae / twin with quartiles, and the ratios across workloads
+the goals name (mog500 / step, vamp500 / floor), paired per repeat. Peak memory is measured per
+workload in a fresh child process. Results go to benchmarks/results/speed-<device>.json.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,122 +50,190 @@ from pathlib import Path
 import pyro
 import torch
 from torch import nn
-from torch.nn.functional import softplus
+from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 
 import pyro_vae
+from pyro_vae.data import Dataset
 from pyro_vae.inference.metrics import iw_log_likelihood
 from pyro_vae.inference.objectives import KLWeight
-from pyro_vae.inference.train import compile_steps, make_svi
+from pyro_vae.inference.step import TrainingStep
 
-HIDDEN, LATENT, BATCH, K_EVAL, VAMP_K = 300, 40, 100, 1000, 50
+HIDDEN, LATENT, BATCH, K_EVAL, K_MIX = 300, 40, 100, 1000, 500
+WORKLOADS = ("step", "step-no-jit", "epoch", "mog500", "vamp500", "floor", "eval")
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def config(prior="normal", device="cpu", jit=True):
+def config(prior="normal", device="cpu", jit=True, **kw):
     return pyro_vae.Config(dataset="binarized-mnist", latent_dim=LATENT, hidden_dim=HIDDEN, hidden_layers=2,
-                           batch_size=BATCH, prior=prior, prior_components=VAMP_K, device=device, jit=jit)
+                           batch_size=BATCH, prior=prior, prior_components=K_MIX, device=device, jit=jit, **kw)
 
 
 # --------------------------------------------------------------------------- the plain-PyTorch twin
 
 
-class PlainVAE(nn.Module):
-    """The same networks, likelihood and ELBO estimator as pyro-vae's MLP VAE, written by hand."""
+class Twin(nn.Module):
+    """The same VAE written by hand: its own copies of the networks (and pseudo-inputs, mixture), the
+    ELBO in tensor arithmetic."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, prior: str):
         super().__init__()
         self.encoder = vae.guide_dist.encoder
         self.decoder = vae.decoder
-        self.vamp = vae.prior if hasattr(vae.prior, "raw_pseudo_inputs") else None
+        self.prior_kind = prior
+        if prior == "mog":
+            self.logits, self.means, self.log_scales = vae.prior.logits, vae.prior.means, vae.prior.log_scales
+        if prior == "vamp":
+            self.raw_pseudo_inputs = vae.prior.raw_pseudo_inputs
 
     def q(self, x):
         h = self.encoder(x)
-        return torch.distributions.Normal(h[..., :LATENT], 1e-4 + softplus(h[..., LATENT:]), validate_args=False)
+        return h[..., :LATENT], 1e-4 + softplus(h[..., LATENT:])
 
     def log_prior(self, z):
-        if self.vamp is None:
-            return torch.distributions.Normal(0.0, 1.0, validate_args=False).log_prob(z).sum(-1)
-        qk = self.q(torch.sigmoid(self.vamp.raw_pseudo_inputs))  # batch (K, d)
-        lp = qk.log_prob(z.unsqueeze(-2)).sum(-1)  # (..., K)
-        return torch.logsumexp(lp, -1) - math.log(lp.shape[-1])
+        if self.prior_kind == "normal":
+            return (-0.5 * z * z).sum(-1) - LATENT * HALF_LOG_2PI
+        if self.prior_kind == "mog":
+            logits, loc, scale = self.logits, self.means, self.log_scales.exp()
+        else:  # vamp: the encoder's posteriors at the pseudo-inputs, uniform weights
+            loc, scale = self.q(torch.sigmoid(self.raw_pseudo_inputs))
+            logits = torch.zeros(loc.shape[0], device=loc.device)
+        precision = scale.pow(-2)
+        const = (torch.log_softmax(logits, -1) - 0.5 * (loc * loc * precision).sum(-1) - scale.log().sum(-1)
+                 - LATENT * HALF_LOG_2PI)
+        flat = z.reshape(-1, LATENT)
+        quad = (flat * flat) @ (-0.5 * precision).T + flat @ (loc * precision).T
+        return torch.logsumexp(quad + const, -1).reshape(z.shape[:-1])
 
-    def log_weights(self, x, k=1):
-        q = self.q(x)
-        z = q.rsample((k,))
-        log_lik = -nn.functional.binary_cross_entropy_with_logits(self.decoder(z), x.expand(k, *x.shape),
-                                                                  reduction="none").sum(-1)
-        return log_lik + self.log_prior(z) - q.log_prob(z).sum(-1)
+    def log_weights(self, x, k=None):
+        mu, sigma = self.q(x)
+        eps = torch.randn((k, *mu.shape) if k else mu.shape, device=x.device)
+        z = mu + sigma * eps
+        target = x if k is None else x.expand(k, *x.shape)
+        log_lik = -binary_cross_entropy_with_logits(self.decoder(z), target, reduction="none").sum(-1)
+        log_q = (-0.5 * eps * eps - sigma.log()).sum(-1) - LATENT * HALF_LOG_2PI
+        return log_lik + self.log_prior(z) - log_q
 
 
-def plain_epoch(plain, optim, x):
-    perm = torch.randperm(len(x), device=x.device)
-    for i in range(0, len(x), BATCH):
-        xb = x[perm[i : i + BATCH]]
-        loss = -plain.log_weights(xb).sum()
-        optim.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(plain.parameters(), 10.0)  # as ClippedAdam: clamp each gradient element
-        optim.step()
+def twin_step(twin, optim, xb, clip=10.0):
+    loss = -twin.log_weights(xb).sum()
+    loss.backward()
+    torch.nn.utils.clip_grad_value_(twin.parameters(), clip, foreach=True)
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+
+
+def epochs_of(step_fn, x):
+    def epoch():
+        perm = torch.randperm(len(x), device=x.device)
+        for i in range(0, len(x), BATCH):
+            step_fn(x[perm[i : i + BATCH]])
+    return epoch
 
 
 @torch.no_grad()
-def plain_iw(plain, x):
+def twin_elbo(twin, x):
+    return torch.cat([twin.log_weights(x[i : i + 1000]) for i in range(0, len(x), 1000)]).mean().item()
+
+
+@torch.no_grad()
+def twin_iw(twin, x, k=K_EVAL):
     out = []
     for i in range(0, len(x), 25):
-        w = plain.log_weights(x[i : i + 25], K_EVAL)
-        out.append(torch.logsumexp(w, 0) - math.log(K_EVAL))
+        out.append(torch.logsumexp(twin.log_weights(x[i : i + 25], k), 0) - math.log(k))
     return torch.cat(out)
 
 
-# --------------------------------------------------------------------------- the pyro-vae side
+# --------------------------------------------------------------------------- the two sides of each workload
 
 
-def pyro_training(vae, cfg, x):
-    """pyro-vae's own training step (make_svi), compiled beforehand as `pyro-vae train` does; returns
-    one epoch as a function, and the compile time. Each workload keeps its own Pyro param store
-    (``ParamStoreDict.scope``): the workloads' parameters share names, and a compiled ELBO looks its
-    parameters up by name."""
+def _pair(data, device, prior="normal", jit=True):
+    """(pyro-vae's VAE and training step, the twin and its Adam), from the same initial weights, each in
+    a Pyro param store of its own (a compiled ELBO looks its parameters up by name)."""
+    cfg = config(prior, device.type, jit)
+    torch.manual_seed(0)
+    vae = pyro_vae.build_vae(cfg, data.dim, data.image_shape, data.binary).to(device)
+    copy = pyro_vae.build_vae(cfg, data.dim, data.image_shape, data.binary).to(device)
+    copy.load_state_dict(vae.state_dict())
+    twin = Twin(copy, prior)
     store = pyro.get_param_store()
     with store.scope() as state:
-        svi, extra = make_svi(vae, cfg, KLWeight(cfg.beta, cfg.warmup_epochs, x.device))
+        step = TrainingStep(vae, cfg, KLWeight(1.0, 0.0, device))
         started = time.perf_counter()
-        if cfg.jit:
-            compile_steps(svi, vae, [x[:BATCH]], extra, seed=0)
-        compile_seconds = time.perf_counter() - started if cfg.jit else None
+        if step.not_compiled is None:
+            step.compile([data.train[:BATCH].to(device)], seed=0)
+    compile_seconds = time.perf_counter() - started if step.not_compiled is None else None
 
-    def epoch():
+    def pyro_step(xb):
         with store.scope(state):
-            perm = torch.randperm(len(x), device=x.device)
-            for i in range(0, len(x), BATCH):
-                svi.step(x[perm[i : i + BATCH]], *extra)
+            step.step(xb)
 
-    return epoch, compile_seconds
+    return vae, pyro_step, twin, torch.optim.Adam(twin.parameters(), lr=1e-3, foreach=True), compile_seconds
 
 
 def workloads(data, device, args):
-    """name -> (pyro-vae epoch, plain epoch, pyro-vae compile seconds)"""
-    train_x = data.train[: args.train_images].to(device)
-    test_x = data.test[: args.eval_images].to(device)
+    """name -> (pyro-vae function, twin function, compile seconds); the end-to-end epoch separately."""
+    x = data.train[: args.train_images].to(device)
     out = {}
-    for name, prior, jit in (("train", "normal", True), ("train-no-jit", "normal", False),
-                             ("vamp", "vamp", True), ("vamp-no-jit", "vamp", False)):
-        if args.only and name not in args.only:
-            continue
-        cfg = config(prior, device.type, jit)
-        torch.manual_seed(0)
-        vae = pyro_vae.build_vae(cfg, data.dim, data.image_shape, data.binary).to(device)
-        twin = pyro_vae.build_vae(cfg, data.dim, data.image_shape, data.binary).to(device)
-        twin.load_state_dict(vae.state_dict())
-        plain = PlainVAE(twin)
-        optim = torch.optim.Adam(plain.parameters(), lr=1e-3)
-        epoch, compile_seconds = pyro_training(vae, cfg, train_x)
-        out[name] = (epoch, lambda p=plain, o=optim: plain_epoch(p, o, train_x), compile_seconds)
-    if not args.only or "eval" in args.only:
+    for name, prior, jit in (("step", "normal", True), ("step-no-jit", "normal", False), ("mog500", "mog", True),
+                             ("vamp500", "vamp", True)):
+        if name in args.only:
+            _, pyro_step, twin, optim, seconds = _pair(data, device, prior, jit)
+            out[name] = (epochs_of(pyro_step, x), epochs_of(lambda xb, t=twin, o=optim: twin_step(t, o, xb), x),
+                         seconds)
+    if "floor" in args.only:
+        vae, pyro_step, twin, optim, seconds = _pair(data, device, "normal", True)
+        u = torch.sigmoid(pyro_vae.build_vae(config("vamp"), data.dim, data.image_shape, data.binary)
+                          .prior.raw_pseudo_inputs.detach()).to(device)
+
+        def pyro_floor(xb):
+            pyro_step(xb)
+            vae.guide_dist.encoder(u).sum().backward()
+
+        def twin_floor(xb):
+            twin.encoder(u).sum().backward()
+            twin_step(twin, optim, xb)
+
+        out["floor"] = (epochs_of(pyro_floor, x), epochs_of(twin_floor, x), seconds)
+    if "eval" in args.only:
         torch.manual_seed(0)
         vae = pyro_vae.build_vae(config(), data.dim, data.image_shape, data.binary).to(device).eval()
-        plain = PlainVAE(vae)
-        out["eval"] = (lambda: iw_log_likelihood(vae, test_x, K_EVAL, batch_size=25), lambda: plain_iw(plain, test_x),
-                       None)
+        twin = Twin(vae, "normal")
+        test_x = data.test[: args.eval_images].to(device)
+        out["eval"] = (lambda: iw_log_likelihood(vae, test_x, K_EVAL), lambda: twin_iw(twin, test_x), None)
     return out
+
+
+def end_to_end(data, device, args) -> dict:
+    """pyro_vae.train for --repeats + 1 epochs on --train-images images (validation on --valid-images);
+    after each of its epochs, inside on_epoch_end, the twin's epoch and validation ELBO. The first pair is
+    warm-up (it holds pyro-vae's set-up and compilation)."""
+    subset = Dataset("binarized-mnist", data.train[: args.train_images], data.valid[: args.valid_images],
+                     data.test[: args.valid_images], data.image_shape, data.binary)
+    cfg = config("normal", device.type, epochs=args.repeats + 1, patience=0)
+    torch.manual_seed(0)
+    twin = Twin(pyro_vae.build_vae(cfg, data.dim, data.image_shape, data.binary).to(device), "normal")
+    optim = torch.optim.Adam(twin.parameters(), lr=1e-3, foreach=True)
+    x, valid = subset.train.to(device), subset.valid.to(device)
+    plain_epoch = epochs_of(lambda xb: twin_step(twin, optim, xb), x)
+    times = {"pyro-vae": [], "plain": []}
+    mark = [time.perf_counter()]
+
+    def on_epoch_end(epoch, record):
+        sync(device)
+        times["pyro-vae"].append(time.perf_counter() - mark[0])
+        started = time.perf_counter()
+        plain_epoch()
+        twin_elbo(twin, valid)
+        sync(device)
+        times["plain"].append(time.perf_counter() - started)
+        mark[0] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pyro_vae.train(cfg, Path(tmp) / "run", data=subset, progress=False, on_epoch_end=on_epoch_end)
+    return {k: v[1:] for k, v in times.items()}
+
+
+# --------------------------------------------------------------------------- timing, memory, results
 
 
 def sync(device):
@@ -167,9 +250,43 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _measure_memory(args, jobs, results) -> None:
+def summarize(times: dict, repeats: int, compile_seconds=None) -> dict:
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = sorted(a / b for a, b in zip(times["pyro-vae"], times["plain"]))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"date": time.strftime("%Y-%m-%d"), "repeats": repeats, "median_seconds": med,
+            "ratio": statistics.median(ratios), "ratio_quartiles": [q1, q3], "compile_seconds": compile_seconds,
+            "all_seconds": times}
+
+
+def paired(a: list, b: list) -> dict:
+    """The median and quartiles of a_i / b_i (two workloads timed in the same repeats)."""
+    ratios = sorted(x / y for x, y in zip(a, b))
+    q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"ratio": statistics.median(ratios), "ratio_quartiles": [q1, q3]}
+
+
+def run_interleaved(jobs: dict, repeats: int, device) -> dict:
+    """Every workload once per repeat, both sides, alternating which side goes first."""
+    times = {name: {"pyro-vae": [], "plain": []} for name in jobs}
+    for fns in jobs.values():  # warm-up
+        fns[0](), fns[1]()
+    for r in range(repeats):
+        for name, (pyro_fn, plain_fn, _) in jobs.items():
+            sides = (("pyro-vae", pyro_fn), ("plain", plain_fn))
+            for side, fn in sides if r % 2 == 0 else sides[::-1]:
+                sync(device)
+                t = time.perf_counter()
+                fn()
+                sync(device)
+                times[name][side].append(time.perf_counter() - t)
+        print(f"repeat {r + 1}/{repeats} done", flush=True)
+    return times
+
+
+def _measure_memory(args, names, results) -> None:
     """Each workload once in a fresh child process: its peak resident memory above the loaded baseline."""
-    for name in jobs:
+    for name in names:
         for side in ("pyro", "plain"):
             child = subprocess.run([sys.executable, __file__, "--data-root", args.data_root, "--device", args.device,
                                     "--train-images", str(args.train_images), "--eval-images", str(args.eval_images),
@@ -182,85 +299,73 @@ def _measure_memory(args, jobs, results) -> None:
                   + (f", GPU peak {mem['gpu_peak_mib']:.0f} MiB" if mem["gpu_peak_mib"] else ""), flush=True)
 
 
+def memory_child(jobs, name: str, side: str, device) -> None:
+    gc.collect()
+    before = _rss_mib()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        gpu_before = torch.cuda.memory_allocated()
+    peak, done = [before], threading.Event()
+
+    def watch():  # the process's resident set, sampled every 5 ms while the workload runs
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], _rss_mib())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    jobs[name][0 if side == "pyro" else 1]()
+    sync(device)
+    done.set()
+    watcher.join()
+    gpu = (torch.cuda.max_memory_allocated() - gpu_before) / 2**20 if device.type == "cuda" else None
+    print(json.dumps({"peak_rss_mib": peak[0], "baseline_rss_mib": before, "workload_peak_mib": peak[0] - before,
+                      "gpu_peak_mib": gpu}))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--train-images", type=int, default=10_000)
+    parser.add_argument("--valid-images", type=int, default=10_000)
     parser.add_argument("--eval-images", type=int, default=500)
-    parser.add_argument("--only", nargs="+", choices=("train", "train-no-jit", "vamp", "vamp-no-jit", "eval"),
-                        help="run only these workloads")
-    parser.add_argument("--memory-only", action="store_true", help="re-measure memory into the last results file")
+    parser.add_argument("--only", nargs="+", choices=WORKLOADS, default=list(WORKLOADS), help="these workloads")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # child mode: run one workload, print max RSS
     args = parser.parse_args()
     device = torch.device(args.device)
     data = pyro_vae.load_dataset("binarized-mnist", args.data_root)
-    jobs = workloads(data, device, args)
-
     if args.memory_of:
         name, side = args.memory_of.split(":")
-        gc.collect()
-        before = _rss_mib()
-        if device.type == "cuda":  # the workloads were built (and compiled) above: count only this one
-            sync(device)
-            torch.cuda.reset_peak_memory_stats()
-            gpu_before = torch.cuda.memory_allocated()
-        peak, done = [before], threading.Event()
-
-        def watch():  # the process's resident set, sampled every 5 ms while the workload runs
-            while not done.wait(0.005):
-                peak[0] = max(peak[0], _rss_mib())
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        jobs[name][0 if side == "pyro" else 1]()
-        sync(device)
-        done.set()
-        watcher.join()
-        gpu = (torch.cuda.max_memory_allocated() - gpu_before) / 2**20 if device.type == "cuda" else None
-        print(json.dumps({"peak_rss_mib": peak[0], "baseline_rss_mib": before,
-                          "workload_peak_mib": peak[0] - before, "gpu_peak_mib": gpu}))
+        memory_child(workloads(data, device, args), name, side, device)
         return
-    if args.memory_only:
-        results = json.loads(RESULTS(args.device).read_text())["results"]
-        _measure_memory(args, jobs, results)
-        record = json.loads(RESULTS(args.device).read_text())
-        record["results"] = results
-        RESULTS(args.device).write_text(json.dumps(record, indent=2) + "\n")
-        return
-
-    results = {}
-    for name, (pyro_fn, plain_fn, compile_seconds) in jobs.items():
-        pyro_fn(), plain_fn()  # warm-up
-        times = {"pyro-vae": [], "plain": []}
-        for r in range(args.repeats):
-            sides = (("pyro-vae", pyro_fn), ("plain", plain_fn))
-            for side, fn in sides if r % 2 == 0 else sides[::-1]:
-                sync(device)
-                t = time.perf_counter()
-                fn()
-                sync(device)
-                times[side].append(time.perf_counter() - t)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        ratios = sorted(a / b for a, b in zip(times["pyro-vae"], times["plain"]))
-        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        ratio = statistics.median(ratios)
-        results[name] = {"date": time.strftime("%Y-%m-%d"), "repeats": args.repeats, "median_seconds": med,
-                         "ratio": ratio, "ratio_quartiles": [q1, q3], "compile_seconds": compile_seconds,
-                         "all_seconds": times}
-        print(f"{name:12s} pyro-vae {med['pyro-vae']:.3f} s   plain {med['plain']:.3f} s   "
-              f"ratio {ratio:.3f} (quartiles {q1:.3f}-{q3:.3f})"
-              + (f"   compile {compile_seconds:.2f} s once" if compile_seconds is not None else ""), flush=True)
-    _measure_memory(args, jobs, results)
+    jobs = workloads(data, device, args)
+    times = run_interleaved(jobs, args.repeats, device) if jobs else {}
+    results = {name: summarize(t, args.repeats, jobs[name][2]) for name, t in times.items()}
+    if "epoch" in args.only:
+        results["epoch"] = summarize(end_to_end(data, device, args), args.repeats)
+    for name, r in results.items():
+        med = r["median_seconds"]
+        print(f"{name:12s} pyro-vae {med['pyro-vae']:.3f} s   twin {med['plain']:.3f} s   ratio {r['ratio']:.3f} "
+              f"(quartiles {r['ratio_quartiles'][0]:.3f}-{r['ratio_quartiles'][1]:.3f})", flush=True)
+    goals = {}
+    for name, over in (("mog500", "step"), ("vamp500", "floor")):
+        if name in times and over in times:
+            goals[f"{name}/{over}"] = paired(times[name]["pyro-vae"], times[over]["pyro-vae"])
+            print(f"{name}/{over} (pyro-vae): {goals[f'{name}/{over}']['ratio']:.3f}", flush=True)
+    if not args.no_memory:
+        _measure_memory(args, list(jobs), results)
     machine = (torch.cuda.get_device_name() if device.type == "cuda" else
                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     out = RESULTS(args.device)
-    if args.only and out.exists():  # a partial run replaces only its own workloads
-        results = {**json.loads(out.read_text())["results"], **results}
+    old = json.loads(out.read_text()) if out.exists() else {}
     record = {"date": time.strftime("%Y-%m-%d"), "device": args.device, "machine": machine,
-              "torch": torch.__version__, "pyro": pyro.__version__,
-              "train_images": args.train_images, "eval_images": args.eval_images, "results": results}
+              "torch": torch.__version__, "pyro": pyro.__version__, "train_images": args.train_images,
+              "valid_images": args.valid_images, "eval_images": args.eval_images,
+              "command": "benchmarks/speed.py " + " ".join(sys.argv[1:]),
+              "results": {**old.get("results", {}), **results}, "goals": {**old.get("goals", {}), **goals}}
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"written: {out}")

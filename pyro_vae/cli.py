@@ -27,6 +27,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
+        if kind is dict:  # --prior-arg name=value, repeatable
+            group.add_argument("--prior-arg", flag, action="append", type=_name_value, metavar="NAME=VALUE", **kw)
+            continue
         if kind in (int, float):
             kw["type"] = kind
         kw["metavar"] = f.name.upper()
@@ -34,6 +37,20 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             kw["choices"] = f.metadata["choices"]
             kw.pop("metavar")
         group.add_argument(flag, **kw)
+
+
+def _name_value(text: str) -> tuple[str, object]:
+    """NAME=VALUE, VALUE read as JSON where it is a number or a boolean, else kept as a string."""
+    import json
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return name, parsed if isinstance(parsed, (bool, int, float, str)) else value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -121,6 +138,11 @@ def cmd_study(args: argparse.Namespace) -> int:
     from .outputs import check_output_dir
     from .study import beta_settings, compare_settings, run_study
 
+    refused = {"compare": {"prior": "--priors", "latent_dim": "--latent-dims"},
+               "sweep-beta": {"beta": "--betas", "latent_dim": "--latent-dims"}}[args.command]
+    for name, instead in refused.items():
+        if name in vars(args):
+            raise PyroVAEError(f"{args.command} takes {instead}, not --{name.replace('_', '-')} (each setting sets it)")
     base, options = _config_from_args(args)
     for key, default in STUDY_DEFAULTS.items():  # a flag, else the config file's [study], else the default
         flag = getattr(args, key, None)
@@ -136,7 +158,9 @@ def cmd_study(args: argparse.Namespace) -> int:
             _refuse_module_priors(args.config, priors)
         settings = compare_settings(base, priors, dims, options["seeds"])
     else:
+        priors = [base.prior]
         settings = beta_settings(base, _list(options["betas"], float, "--betas"), dims, options["seeds"])
+    _warn_without_effect(args, priors)
     command = "pyro-vae " + " ".join(sys.argv[1:]) if sys.argv and "pyro" in sys.argv[0] else ""
     report = run_study(args.command, settings, args.out, k=options["k"], progress=not args.quiet, command=command,
                        restart=args.restart)
@@ -192,8 +216,20 @@ def _config_from_args(args: argparse.Namespace) -> tuple[Config, dict]:
         if "prior" not in vars(args) and not args.trust_prior:
             _refuse_module_priors(args.config, [p for p in [base["prior"]] if p != "<object>"])
     names = {f.name for f in dataclasses.fields(Config)}
-    base.update({k: v for k, v in vars(args).items() if k in names})
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if "prior_args" in given:
+        given["prior_args"] = {**base.get("prior_args", {}), **dict(given["prior_args"])}
+    base.update(given)
     return Config.from_dict(base), study
+
+
+def _warn_without_effect(args: argparse.Namespace, priors: list[str]) -> None:
+    """One warning line per --prior-* flag that none of the priors uses."""
+    from .models.priors import options_without_effect
+
+    for flag in options_without_effect(priors, set(vars(args))):
+        print(f"pyro-vae: warning: {flag} has no effect with --prior{'s' if len(priors) > 1 else ''} "
+              f"{','.join(priors)}", file=sys.stderr)
 
 
 def _check_count(flag: str, value: int, least: int = 1) -> None:
@@ -219,7 +255,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = resume(args.resume, epochs=getattr(args, "epochs", None), jit=getattr(args, "jit", None),
                      trust=args.trust_prior, progress=not args.quiet)
     else:
-        run = train(_config_from_args(args)[0], args.out, progress=not args.quiet)
+        config = _config_from_args(args)[0]
+        _warn_without_effect(args, [config.prior])
+        run = train(config, args.out, progress=not args.quiet)
     info = run.info
     print(f"run directory: {run.path}")
     print(f"  epochs: {info['epochs_completed']}  best epoch: {info['best_epoch']}  "

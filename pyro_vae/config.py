@@ -67,6 +67,10 @@ class Config:
     prior_flow_layers: int = _opt("flow: number of flow layers", default=2)
     prior_concentration: float = _opt("projected-normal: kappa; dirichlet: alpha", default=1.0)
     prior_temperature: float = _opt("relaxed-categorical: temperature tau", default=0.5)
+    prior_args: dict = _opt("a prior of your own: keyword arguments after latent_dim (--prior-arg name=value, "
+                            "repeatable)", default_factory=dict)
+    prior_path: str | None = _opt("a prior of your own: the folder its module is imported from (recorded at "
+                                  "training: where the module was found)", default=None)
     prior_init: str = _opt("vamp: pseudo-inputs start as random near-black images (pixels ~ N(0.05, 0.01^2), the "
                            "VampPrior code's), or (data) as training images plus noise of sd 0.01 (its "
                            "use_training_data_init)", choices=PRIOR_INITS, default="random")
@@ -171,7 +175,7 @@ class Config:
                 raise PyroVAEError(f"{name} must be {_describe_type(kind)}, got {type(value).__name__} {value!r:.60}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)  # a deep copy: prior_args is not shared
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
@@ -206,8 +210,11 @@ class Config:
 
 
 def _has_type(value, kind) -> bool:
-    """Whether ``value`` is of the field type ``kind`` (int, float, bool, str, or X | None); bools are not
-    numbers here."""
+    """Whether ``value`` is of the field type ``kind`` (int, float, bool, str, X | None, or dict of names to
+    numbers, strings and booleans); bools are not numbers here."""
+    if kind is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, (bool, int, float, str))
+                                               for k, v in value.items())
     if typing.get_origin(kind) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return any(_has_type(value, k) for k in typing.get_args(kind))
     if kind is type(None):
@@ -222,4 +229,4 @@ def _describe_type(kind) -> str:
     if args:
         return " or ".join(_describe_type(k) for k in args)
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            type(None): "null"}.get(kind, str(kind))
+            type(None): "null", dict: "a table of names to numbers, strings or booleans"}.get(kind, str(kind))

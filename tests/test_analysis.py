@@ -3,6 +3,7 @@ file, the gaps, priors NUTS can and cannot sample, and ``pyro-vae analyze`` on a
 
 import json
 import math
+import warnings
 
 import numpy as np
 import arviz as az
@@ -171,8 +172,11 @@ def test_inference_data_groups_dims_and_coords(lg_analysis):
     assert z.dims == ("chain", "draw", "inference", "obs", "latent")
     assert list(z["inference"].values) == ["guide", "optimised", "nuts"]
     assert list(z["obs"].values) == [5, 9, 11] and list(z["latent"].values) == [0, 1]
-    assert idata.prior["z"].dims == ("chain", "draw", "latent")
-    assert idata.prior["z"].shape == (1, CHAINS * DRAWS, 2)
+    # the prior's draws, repeated under every (inference, obs) so that one coordinate selection serves prior
+    # and posterior alike (az.plot_dist_comparison)
+    assert idata.prior["z"].dims == ("chain", "draw", "inference", "obs", "latent")
+    assert idata.prior["z"].shape == (1, CHAINS * DRAWS, 3, 3, 2)
+    assert (idata.prior["z"] == idata.prior["z"].isel(inference=0, obs=0)).all()
     assert idata.observed_data["x"].dims == ("obs", "pixel")
     np.testing.assert_allclose(idata.observed_data["x"].values, x.numpy())
     assert list(idata.constant_data["label"].values) == [1, 2, 3]
@@ -203,6 +207,30 @@ def test_inference_data_groups_dims_and_coords(lg_analysis):
     q = vae.guide_dist(x)
     guide = torch.as_tensor(z.sel(inference="guide").values).reshape(-1, 3, 2)
     assert (guide.mean(0) - q.base_dist.loc).abs().max() < 5 * q.base_dist.scale.max() / math.sqrt(len(guide))
+
+
+def test_arviz_functions_run_on_the_written_file(lg_analysis, tmp_path):
+    """energy for az.bfmi and az.plot_energy; the prior's dims for az.plot_dist_comparison; az.loo and
+    az.plot_ppc on one inference method, as the README says."""
+    import matplotlib.pyplot as plt
+
+    _, _, analysis = lg_analysis
+    idata = load_inference_data(save_inference_data(analysis.idata, tmp_path / "idata.nc"))
+    stats = idata.sample_stats
+    # the Hamiltonian where a trajectory starts: the last draw's potential energy (-lp) plus a kinetic energy >= 0
+    assert (stats["energy"].values[:, 1:] >= -stats["lp"].values[:, :-1] - 1e-6).all()
+    bfmi = az.bfmi(idata)
+    assert bfmi.shape == (CHAINS,) and (bfmi > 0.3).all()  # a well-mixed Gaussian posterior
+    az.plot_energy(idata)
+    az.plot_dist_comparison(idata, var_names=["z"], coords={"inference": ["nuts"], "obs": [9], "latent": [0]})
+    nuts = idata.sel(inference="nuts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # three images: ArviZ warns about the Pareto k estimates
+        loo = az.loo(nuts, pointwise=True)
+    assert loo.loo_i.shape == (3,) and np.isfinite(loo.elpd_loo)
+    az.plot_ppc(nuts, num_pp_samples=10)
+    plt.close("all")
+    assert "not a model comparison" in analysis.report()
 
 
 def test_netcdf_round_trip_is_identical(lg_analysis, tmp_path):

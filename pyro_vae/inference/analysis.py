@@ -152,6 +152,10 @@ def format_report(analysis: Analysis, max_rows: int = 40) -> str:
         lines.append(f"(first {max_rows} of {len(body)} rows; all in {SUMMARY_CSV})")
         body = body.iloc[:max_rows]
     lines.append(body.to_string(float_format=lambda v: f"{v:.3f}"))
+    lines += ["", "note: idata.nc's log_likelihood is log p(x_n | z) per image (summed over its pixels), for every "
+              "draw of every method: ArviZ reads one method at a time, az.loo(idata.sel(inference='nuts')) and "
+              "az.plot_ppc(idata.sel(inference='nuts')). LOO across images is not a model comparison here: each "
+              "image has its own latent z, fit to that image, so leaving an image out leaves its z unidentified."]
     return "\n".join(lines)
 
 

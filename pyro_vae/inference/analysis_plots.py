@@ -24,9 +24,15 @@ def informative_latents(idata: az.InferenceData, obs, k: int = 4) -> list[int]:
     sd = z.std(("chain", "draw"))
     if "obs" in sd.dims:
         sd = sd.mean("obs")
-    prior_sd = idata.prior["z"].std(("chain", "draw"))
+    prior_sd = _prior_draws(idata).std(("chain", "draw"))
     ratio = (sd / prior_sd).values
     return sorted(int(i) for i in np.argsort(ratio, kind="stable")[:k])
+
+
+def _prior_draws(idata):
+    """The prior's draws of z, (chain, draw, latent): the prior group repeats them under every (inference, obs)."""
+    z = idata.prior["z"]
+    return z.isel({dim: 0 for dim in ("inference", "obs") if dim in z.dims})
 
 
 def _thin(a: np.ndarray, n: int) -> np.ndarray:
@@ -84,7 +90,14 @@ def _selection(idata, max_obs: int, max_latents: int) -> dict:
     return {"inference": "nuts", "obs": obs, "latent": informative_latents(idata, obs, max_latents)}
 
 
-def plot_trace(idata: az.InferenceData, path, max_obs: int = 2, max_latents: int = 3) -> Path:
+def _shown(idata, coords) -> str:
+    """' (data points a, b of N)' when a figure shows fewer data points than were analysed."""
+    total = idata.posterior.sizes["obs"]
+    shown = coords["obs"]
+    return "" if len(shown) == total else f" (data points {', '.join(map(str, shown))}: {len(shown)} of {total})"
+
+
+def plot_trace(idata: az.InferenceData, path, max_obs: int = 6, max_latents: int = 3) -> Path:
     """ArviZ trace plot of the NUTS chains (one colour per chain) for a few data points and latents."""
     coords = _selection(idata, max_obs, max_latents)
     with warnings.catch_warnings():  # ArviZ: few draws; matplotlib: ArviZ uses an API it deprecates
@@ -93,11 +106,11 @@ def plot_trace(idata: az.InferenceData, path, max_obs: int = 2, max_latents: int
         axes = az.plot_trace(idata, var_names=["z"], coords=coords, compact=False, legend=False,
                              labeller=az.labels.DimCoordLabeller(), backend_kwargs={"layout": "constrained"})
     fig = np.atleast_2d(axes)[0, 0].figure
-    fig.suptitle("NUTS chains (one colour each): densities and traces")
+    fig.suptitle("NUTS chains (one colour each): densities and traces" + _shown(idata, coords))
     return save_figure(fig, path)
 
 
-def plot_rank(idata: az.InferenceData, path, max_obs: int = 2, max_latents: int = 3) -> Path:
+def plot_rank(idata: az.InferenceData, path, max_obs: int = 6, max_latents: int = 3) -> Path:
     """ArviZ rank plot of the NUTS chains: flat, overlapping histograms mean the chains agree."""
     coords = _selection(idata, max_obs, max_latents)
     panels = len(coords["obs"]) * len(coords["latent"])
@@ -111,7 +124,7 @@ def plot_rank(idata: az.InferenceData, path, max_obs: int = 2, max_latents: int 
         warnings.simplefilter("ignore", DeprecationWarning)
         az.plot_rank(idata, var_names=["z"], coords=coords, kind="bars", ax=axes.flat[:panels],
                      labeller=az.labels.DimCoordLabeller())
-    fig.suptitle("NUTS rank histograms, one row per chain: flat = the chains agree")
+    fig.suptitle("NUTS rank histograms, one row per chain: flat = the chains agree" + _shown(idata, coords))
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -122,7 +135,7 @@ def plot_prior_vs_posterior(idata: az.InferenceData, path, max_obs: int = 3, max
 
     coords = _selection(idata, max_obs, max_latents)
     post = idata.posterior["z"]
-    prior = idata.prior["z"]
+    prior = _prior_draws(idata)
     methods = [m for m in ("guide", "optimised", "nuts") if m in post["inference"].values]
     rows, cols = coords["latent"], coords["obs"]
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.2 * len(cols), 2.2 * len(rows)), squeeze=False)
@@ -151,7 +164,7 @@ def plot_prior_vs_posterior(idata: az.InferenceData, path, max_obs: int = 3, max
     handles += [plt.Line2D([], [], color=_COLOURS[m], ls="--" if m == "optimised" else "-", label=_label(m))
                 for m in methods]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle("prior against posterior, per latent (rows) and data point (columns)")
+    fig.suptitle("prior against posterior, per latent (rows) and data point (columns)" + _shown(idata, coords))
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return save_figure(fig, path)
 

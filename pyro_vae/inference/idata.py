@@ -54,7 +54,10 @@ def build_inference_data(vae, x: torch.Tensor, z: torch.Tensor, methods, nuts: N
 
     with seeded(seed * 1000 + SEEDS["prior"], x.device):
         prior_z = vae.prior().sample((num_chains * num_draws,))
-    prior = az.dict_to_dataset({"z": _np(prior_z)[None]}, coords=coords, dims={"z": ["latent"]}, library=lib)
+    # the same prior draws under every (inference, obs), so that one selection of coordinates serves the
+    # prior and the posterior alike (az.plot_dist_comparison); chain = 1
+    prior_z = _np(prior_z)[None, :, None, None, :].repeat(len(methods), 2).repeat(n_obs, 3)
+    prior = az.dict_to_dataset({"z": prior_z}, coords=coords, dims={"z": ["inference", "obs", "latent"]}, library=lib)
 
     log_lik = torch.empty(z.shape[:-1], dtype=torch.float32)
     for c in range(num_chains):  # one chain at a time: (draw, method, obs, D) decoded at once

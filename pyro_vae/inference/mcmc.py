@@ -29,7 +29,7 @@ from ..models.supports import describe, unwrap_mixture
 from ..seeding import seeded
 from .settings import AnalysisSettings, settings_from
 
-SAMPLE_STATS = ("diverging", "step_size", "tree_depth", "n_steps", "acceptance_rate", "lp")
+SAMPLE_STATS = ("diverging", "step_size", "tree_depth", "n_steps", "acceptance_rate", "lp", "energy")
 
 
 # --------------------------------------------------------------------------- what NUTS can sample
@@ -82,13 +82,16 @@ class RecordingNUTS(NUTS):
     """Pyro's NUTS that also records, for every kept draw, what ArviZ calls the sample stats:
     ``diverging``, ``step_size``, ``tree_depth`` (number of doublings: 2^depth - 1 leapfrog steps),
     ``n_steps`` (leapfrog steps taken), ``acceptance_rate`` (mean Metropolis acceptance over the
-    trajectory) and ``lp`` (the log density of the draw in unconstrained space, up to a constant)."""
+    trajectory), ``lp`` (the log density of the draw in unconstrained space, up to a constant) and
+    ``energy`` (the Hamiltonian, potential plus kinetic energy, where the iteration's trajectory starts,
+    after the momentum is drawn: what ``az.bfmi`` and ``az.plot_energy`` read)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.records: list[dict] = []
         self._n_steps = 0
         self._depth = 0
+        self._energy = None
 
     def _build_basetree(self, *args, **kwargs):
         self._n_steps += 1
@@ -96,10 +99,13 @@ class RecordingNUTS(NUTS):
 
     def _build_tree(self, z, r, z_grads, log_slice, direction, tree_depth, energy_current):
         self._depth = max(self._depth, tree_depth + 1)
+        if self._energy is None:
+            self._energy = float(energy_current)
         return super()._build_tree(z, r, z_grads, log_slice, direction, tree_depth, energy_current)
 
     def sample(self, params):
         self._n_steps = self._depth = 0
+        self._energy = None
         divergences, mean_accept = len(self._divergences), self._mean_accept_prob
         step_size = float(self.step_size)
         out = super().sample(params)
@@ -113,6 +119,7 @@ class RecordingNUTS(NUTS):
                 "n_steps": self._n_steps,
                 "acceptance_rate": float(accept),
                 "lp": -float(self._potential_energy_last),
+                "energy": self._energy if self._energy is not None else float("nan"),
             })
         return out
 

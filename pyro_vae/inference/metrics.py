@@ -133,8 +133,18 @@ def active_units(vae, x: torch.Tensor, threshold: float = 0.01) -> dict:
 
 @torch.no_grad()
 def _log_q_aggregate(vae, z: torch.Tensor, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """log q(z) = log (1/N) sum_n q(z | x_n) for each row of z (shape (M,)), the mixture over all x."""
+    """log q(z) = log (1/N) sum_n q(z | x_n) for each row of z (shape (M,)), the mixture over all x: for a
+    diagonal Normal guide a :class:`~pyro_vae.models.mixtures.DiagonalNormalMixture` (matrix products),
+    else each q(z | x_n) evaluated in chunks of z."""
+    from ..models.mixtures import DiagonalNormalMixture
+
     q = vae.guide_dist(x)  # batch (N,)
+    base = getattr(q, "base_dist", None)
+    if isinstance(q, torch.distributions.Independent) and type(base) in (torch.distributions.Normal,
+                                                                          pyro.distributions.Normal):
+        mixture = DiagonalNormalMixture(torch.zeros(x.shape[0], device=x.device), base.loc, base.scale,
+                                        compute_dtype=torch.float64)
+        return torch.cat([mixture.log_prob(z[i : i + 4 * chunk]) for i in range(0, z.shape[0], 4 * chunk)])
     out = []
     for i in range(0, z.shape[0], chunk):
         lp = q.log_prob(z[i : i + chunk, None, :])  # (m, N)

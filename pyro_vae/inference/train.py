@@ -10,6 +10,7 @@ selected and saved (:func:`_select_and_save`), and the test ELBO and figures (:f
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import platform
@@ -25,6 +26,7 @@ from ..config import Config
 from ..data import Dataset, load_dataset
 from ..errors import PyroVAEError, RunInterrupted, TrainingDiverged
 from ..models.priors import UntrustedPrior, prior_reference
+from ..models.user_priors import module_folder
 from ..models.sizes import check_step_fits
 from ..models.vae import VAE, build_vae
 from ..outputs import check_output_dir
@@ -55,9 +57,10 @@ def evaluate_elbo(vae: VAE, x: torch.Tensor, seed: int, num_particles: int = 1) 
 # --------------------------------------------------------------------------- set-up
 
 
-def _setup(config: Config, data: Dataset | None, prior, trust_prior: bool = True) -> tuple[VAE, Dataset]:
+def _setup(config: Config, data: Dataset | None, prior, trust_prior: bool = True) -> tuple[VAE, Dataset, Config]:
     """Validate, load the data, build the model on its device and check the objective: every check on
-    the input, before anything is written."""
+    the input, before anything is written. The config comes back with the folder a prior of your own
+    was imported from (``prior_path``), so that the run reloads from anywhere."""
     config.validate()
     device = resolve_device(config.device)
     if data is None:
@@ -69,7 +72,9 @@ def _setup(config: Config, data: Dataset | None, prior, trust_prior: bool = True
         vae.prior.initialise_from_data(data.train, config.seed)
     vae = vae.to(device)
     check_objective(config, vae, data.valid[:1].to(device))
-    return vae, data
+    if prior is None and ":" in config.prior and config.prior_path is None:
+        config = dataclasses.replace(config, prior_path=module_folder(config.prior))
+    return vae, data, config
 
 
 def train(config: Config, out: str | os.PathLike | None = None, *, data: Dataset | None = None, prior=None,
@@ -79,8 +84,11 @@ def train(config: Config, out: str | os.PathLike | None = None, *, data: Dataset
     Every check on the input runs before anything is written. ``prior`` (an object) overrides
     ``config.prior``; ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint."""
     if prior is not None:
-        config = dataclasses.replace(config, prior=prior_reference(prior))
-    vae, data = _setup(config, data, prior)
+        ref = prior_reference(prior)
+        args = config.prior_args if inspect.isfunction(prior) or inspect.isclass(prior) else ref.args
+        config = dataclasses.replace(config, prior=ref.name, prior_args=args if ref.name != OBJECT_PRIOR else {},
+                                     prior_path=ref.path)
+    vae, data, config = _setup(config, data, prior)
     out = Path(out) if out is not None else default_run_path(config)
     check_output_dir(out, "--out")
     files = RunFiles(out)
@@ -126,7 +134,7 @@ def resume(path: str | os.PathLike, *, data: Dataset | None = None, prior=None, 
         raise PyroVAEError(f"{files.path} holds no resumable run (no checkpoint.pt)")
     info = files.read_info()
     try:
-        vae, data = _setup(config, data, prior_for(config, prior, files.path), trust_prior=trust)
+        vae, data, config = _setup(config, data, prior_for(config, prior, files.path), trust_prior=trust)
     except UntrustedPrior as e:
         raise PyroVAEError(f"{files.path} was trained with a prior of its own: {e}") from None
     with files.training_lock():

@@ -100,7 +100,8 @@ def _module_as_prior(module: nn.Module) -> Prior:
     cls = type(module)
     if cls not in _PRIOR_CLASSES:
         _PRIOR_CLASSES[cls] = type(cls.__name__, (cls, Prior), {"__module__": cls.__module__,
-                                                             "__qualname__": cls.__qualname__})
+                                                             "__qualname__": cls.__qualname__,
+                                                             "adapted_from": cls})
     module.__class__ = _PRIOR_CLASSES[cls]
     return module
 

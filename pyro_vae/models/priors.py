@@ -12,10 +12,7 @@ come from :class:`~pyro_vae.config.Config`, the one place they are kept.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +24,7 @@ from torch import nn
 from ..config import Config
 from ..errors import PyroVAEError
 from .base import CallablePrior, FixedDistribution, Prior, as_prior, check_prior
+from .user_priors import OBJECT, UntrustedPrior, import_prior, prior_reference, with_arguments
 from .mixtures import EnumeratedMixture, MixtureOfGaussians, VampPrior
 from .sphere import UniformSphereDistribution
 
@@ -245,13 +243,15 @@ class PriorOptions:
     concentration: float = _DEFAULTS.prior_concentration
     temperature: float = _DEFAULTS.prior_temperature
     data_dim: int | None = None
+    args: tuple = ()            # (name, value) pairs for a prior of your own (--prior-arg)
+    path: str | None = None     # the folder its module is imported from (--prior-path)
 
     @classmethod
     def from_config(cls, config: Config, data_dim: int | None = None) -> "PriorOptions":
         return cls(scale=config.prior_scale, df=config.prior_df, components=config.prior_components,
                    learnable=config.prior_learnable, flow=config.prior_flow, flow_layers=config.prior_flow_layers,
                    concentration=config.prior_concentration, temperature=config.prior_temperature,
-                   data_dim=data_dim)
+                   data_dim=data_dim, args=tuple(sorted(config.prior_args.items())), path=config.prior_path)
 
 
 PRIORS: dict[str, Callable[[int, PriorOptions], Prior]] = {
@@ -275,6 +275,20 @@ PRIORS: dict[str, Callable[[int, PriorOptions], Prior]] = {
 FLOWS = ("spline-coupling", "affine-autoregressive")
 """The transforms :class:`FlowPrior` builds (``--prior-flow``)."""
 
+USES = {"prior_scale": ("laplace", "logistic", "uniform", "student-t"), "prior_df": ("student-t",),
+        "prior_components": ("mog", "mog-enum", "vamp"), "prior_learnable": ("mog", "mog-enum"),
+        "prior_flow": ("flow",), "prior_flow_layers": ("flow",), "prior_init": ("vamp",),
+        "prior_concentration": ("projected-normal", "dirichlet"), "prior_temperature": ("relaxed-categorical",)}
+"""Which built-in priors each ``--prior-*`` option applies to (``--prior-arg`` applies to priors of your own)."""
+
+
+def options_without_effect(priors: list[str], given: set[str]) -> list[str]:
+    """The options in ``given`` (Config field names) that none of ``priors`` uses, as flags."""
+    unused = [name for name, users in USES.items() if name in given and not set(users) & set(priors)]
+    if "prior_args" in given and all(p in PRIORS for p in priors):
+        unused.append("prior_args")
+    return ["--prior-arg" if n == "prior_args" else "--" + n.replace("_", "-") for n in unused]
+
 
 def _need_data_dim(options: PriorOptions) -> int:
     if options.data_dim is None:
@@ -297,62 +311,18 @@ def build_prior(spec, latent_dim: int, options: PriorOptions | None = None, chec
         elif ":" in spec:
             if not allow_import:
                 raise UntrustedPrior(spec)
-            prior = as_prior(_import(spec), latent_dim)
+            prior = as_prior(with_arguments(import_prior(spec, options.path), options.args), latent_dim)
         else:
             raise PyroVAEError(f"unknown prior {spec!r}; choose one of {', '.join(PRIORS)} or module:attribute")
     else:
-        prior = as_prior(spec, latent_dim)
+        prior = as_prior(with_arguments(spec, options.args), latent_dim)
     if check and not prior.needs_guide:
         check_prior(prior, latent_dim)
     return prior
 
 
-class UntrustedPrior(PyroVAEError):
-    """A prior named as ``module:attribute`` in a file, which the caller did not allow to be imported."""
-
-    def __init__(self, spec: str):
-        self.spec = spec
-        super().__init__(f"the prior {spec!r} would import the module {spec.partition(':')[0]!r} and run its "
-                         "code: if you trust it, pass --trust-prior (load_run(..., trust=True)), or pass the "
-                         "prior object itself (prior=)")
-
-
-OBJECT = "<object>"
-"""How config.json names a prior given as an object that cannot be imported by name."""
-
-
-def prior_reference(obj) -> str:
-    """How config.json names a prior given as an object: ``module:qualname`` when importable, else
-    :data:`OBJECT`."""
-    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
-    if module and module != "__main__" and name and "<" not in name:
-        reference = f"{module}:{name}"
-        try:
-            if _import(reference) is obj:
-                return reference
-        except PyroVAEError:
-            pass
-    return OBJECT
-
-
-def _import(spec: str):
-    from ..config import PRIOR_REFERENCE
-
-    if not PRIOR_REFERENCE.fullmatch(spec):
-        raise PyroVAEError(f"a prior of your own is named module:attribute (e.g. my_priors:cauchy), got {spec!r}")
-    module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:  # `--prior my_priors:cauchy` finds my_priors.py in the working directory
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        return obj
-    except (ImportError, AttributeError) as e:
-        raise PyroVAEError(f"cannot import prior {spec!r}: {e}") from None
-
-
-__all__ = ["Prior", "PriorOptions", "PRIORS", "FLOWS", "build_prior", "UntrustedPrior", "check_prior", "prior_reference", "OBJECT",
+__all__ = ["Prior", "PriorOptions", "PRIORS", "FLOWS", "USES", "options_without_effect", "build_prior",
+           "UntrustedPrior", "import_prior", "check_prior", "prior_reference", "OBJECT",
            "FixedDistribution", "CallablePrior", "StandardNormal", "LearnedNormal", "Laplace", "Logistic",
            "UniformBox", "StudentT", "MixtureOfGaussians", "EnumeratedMixture", "VampPrior", "FlowPrior",
            "UniformSphere", "ProjectedNormalPrior", "DirichletPrior", "RelaxedCategorical",

@@ -9,9 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..inference.evaluate import health_warnings, likelihood_note
 from ..run_dir import RunFiles, atomic_write_bytes
 from .figures import beta_plot, study_figures
 from .settings import Setting
+
+
+def health(out: Path, setting: Setting) -> list[str]:
+    """A run's warnings (collapse, not converged, not finished), from its metrics.json and run.json."""
+    files = RunFiles(out / "runs" / setting.name)
+    return health_warnings(files.read_info(), setting.config.epochs, files.read_metrics())
 
 
 def metric_row(out: Path, setting: Setting) -> dict:
@@ -40,6 +47,7 @@ COLUMNS = [  # (key, header, format)
     ("hole_score", "hole score", "{:.3f}"), ("fd_prior", "FD prior samples", "{:.1f}"),
     ("fd_ex_post", "FD ex-post samples", "{:.1f}"), ("conf_prior", "confidence (prior samples)", "{:.2f}"),
     ("sharp_recon", "sharpness recon.", "{:.2f}"), ("sharp_samples", "sharpness samples", "{:.2f}"),
+    ("health", "health", None),
 ]
 
 
@@ -65,7 +73,7 @@ def table(out: Path, settings: list[Setting], latent_dim: int) -> tuple[list[str
     labels = list(dict.fromkeys(s.label for s in group))
     rows_by_label = {lab: [s for s in group if s.label == lab] for lab in labels}
     metrics = {s.name: metric_row(out, s) for s in group}
-    columns = [c for c in COLUMNS if c[0] == "paired" or all(c[0] in metrics[s.name] for s in group)]
+    columns = [c for c in COLUMNS if c[0] in ("paired", "health") or all(c[0] in metrics[s.name] for s in group)]
     header = ["", *[c[1] for c in columns]]
     body = []
     reference = rows_by_label[labels[0]]
@@ -73,6 +81,10 @@ def table(out: Path, settings: list[Setting], latent_dim: int) -> tuple[list[str
         runs = rows_by_label[lab]
         cells = [lab]
         for key, _, fmt in columns:
+            if key == "health":
+                problems = sorted({w.split(":")[0] for r in runs for w in health(out, r)})
+                cells.append("⚠ " + ", ".join(problems) if problems else "ok")
+                continue
             if key == "paired":
                 if lab == labels[0]:
                     cells.append("—")
@@ -131,6 +143,7 @@ def write_report(kind: str, settings: list[Setting], out: Path, command: str = "
             lines += [f"![{name}]({path.relative_to(out)})", ""]
     if kind == "sweep-beta":
         lines += _beta_findings(out, settings)
+    lines += _health_section(out, settings)
     text = "\n".join(lines)
     atomic_write_bytes(out / "report.md", text.encode())
     html = markdown.markdown(text, extensions=["tables"])
@@ -140,6 +153,29 @@ def write_report(kind: str, settings: list[Setting], out: Path, command: str = "
             f"</style></head><body>{html}</body></html>")
     atomic_write_bytes(out / "report.html", page.encode())
     return out / "report.md"
+
+
+def _health_section(out: Path, settings: list[Setting]) -> list[str]:
+    """Every run's warnings, what the aggregate-posterior numbers depend on, and the likelihood's units."""
+    lines = ["## Health and how to read the numbers", ""]
+    flagged = [(s, w) for s in settings for w in health(out, s)]
+    if flagged:
+        lines += ["Read the paired differences of flagged runs with care: a collapsed run's log p(x) is that of "
+                  "a decoder that ignores z, and an unconverged one's is a lower bound on what the setting can do.",
+                  ""]
+        lines += [f"- **{s.name}**: {w}" for s, w in flagged]
+    else:
+        lines.append("- Every run finished, none collapsed, and each stopped early or before its last epoch.")
+    first = RunFiles(out / "runs" / settings[0].name).read_metrics()
+    n = first["aggregate_posterior"]["num_points"]
+    lines += ["", f"- The aggregate posterior q(z) = (1/N) sum_n q(z|x_n) uses the first N = {n} test points, and so "
+              "do the rate it is checked against (ELBO surgery: rate = I(x;z) + KL(q(z)‖p(z)) on the same points), "
+              f"I(x;z), bounded by log N = {math.log(n):.2f} nats, the marginal KL and the hole score: the last "
+              "two depend on N (more points fill more of the prior)."]
+    note = likelihood_note(first)
+    if note:
+        lines += [f"- Units: {note}."]
+    return lines + [""]
 
 
 def _beta_findings(out: Path, settings: list[Setting]) -> list[str]:

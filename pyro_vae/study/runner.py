@@ -96,7 +96,8 @@ def _stale(out: Path, setting: Setting) -> list[str]:
     except PyroVAEError:
         return ["config.json unreadable"]
     wanted = setting.config.to_dict()
-    return [f"{k}={stored[k]!r} (wanted {wanted[k]!r})" for k in wanted if stored[k] != wanted[k]]
+    filled_in = {"prior_path"} if wanted["prior_path"] is None else set()  # training records where the module was
+    return [f"{k}={stored[k]!r} (wanted {wanted[k]!r})" for k in wanted if stored[k] != wanted[k] and k not in filled_in]
 
 
 def _clear(path: Path) -> None:
