@@ -22,6 +22,7 @@ GUIDE_SCALES = ("softplus", "bounded-logvar")
 SCHEDULES = ("constant", "plateau", "cosine")
 PRIOR_INITS = ("random", "data")
 OPTIMIZERS = ("adam", "adam-normgrad")
+LOGS = ("none", "csv", "tensorboard", "mlflow")
 OBJECTIVES = ("trace", "analytic", "iwae")
 DEVICES = ("cpu", "cuda")
 FLOWS = ("spline-coupling", "affine-autoregressive")
@@ -125,6 +126,9 @@ class Config:
                          "during KL warm-up", default=20)
     seed: int = _opt("random seed (model initialisation, batches, Monte Carlo)", default=0)
     device: str = _opt("where to train", choices=DEVICES, default="cpu")
+    log: str = _opt("per-epoch metrics also to: metrics.csv, TensorBoard (RUN/tensorboard) or MLflow "
+                    "($MLFLOW_TRACKING_URI, else RUN/mlruns); the last two need pyro-vae[tracking]",
+                    choices=LOGS, default="none")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # Config(lr=1) means lr=1.0

@@ -11,6 +11,9 @@ from pyro_vae.inference.objectives import OBJECTIVES
 from pyro_vae.models.guides import FAMILIES
 from pyro_vae.models.likelihoods import LIKELIHOODS
 from pyro_vae.models.networks import NETWORKS
+from pyro_vae.inference.step import SCHEDULES
+from pyro_vae.inference.tracking import TRACKERS
+from pyro_vae.models.guides import DiagonalNormal
 from pyro_vae.models.priors import FLOWS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
@@ -97,3 +100,4 @@ def test_config_choices_are_the_registries():
     assert config.NETWORKS == NETWORKS
     assert config.OBJECTIVES == OBJECTIVES
     assert config.FLOWS == FLOWS
+    assert config.SCHEDULES == SCHEDULES and config.LOGS == TRACKERS and config.GUIDE_SCALES == DiagonalNormal.SCALES

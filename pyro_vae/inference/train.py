@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pyro
 import torch
-from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data import Dataset, load_dataset
@@ -35,6 +34,7 @@ from ..seeding import seeded
 from .metrics import elbo_per_datapoint, rate_and_distortion
 from .objectives import KLWeight, check_objective
 from .step import TrainingStep
+from .tracking import Progress, Tracker
 
 EVAL_SEED_OFFSET = 10_007  # validation/test Monte Carlo draws use their own stream, not the training one
 
@@ -296,9 +296,9 @@ def _loop(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict, 
     state = _restore(step, checkpoint, device)
 
     steps = math.ceil(len(train_x) / config.batch_size)
-    bar = tqdm(total=config.epochs * steps, initial=state.start_epoch * steps, disable=not progress, unit="step",
-               desc=f"training {files.path.name}", dynamic_ncols=True)
-    stopped_early = False
+    bar = Progress(progress, config.epochs, steps, state.start_epoch, files.path.name)
+    tracker = Tracker(config.log, files, config, info)
+    stopped_early, outcome = False, "failed"
     try:
         for epoch in range(state.start_epoch, config.epochs):
             started = time.perf_counter()
@@ -310,14 +310,20 @@ def _loop(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict, 
             record = {"epoch": epoch + 1, "train_loss": train_loss, "valid_elbo": valid_elbo, "beta": weight.value,
                       "seconds": time.perf_counter() - started}
             _select_and_save(vae, step, config, files, info, state, record, held_out["valid"])
-            bar.set_postfix(epoch=epoch + 1, valid_elbo=f"{valid_elbo:.2f}", best=f"{state.best:.2f}")
+            bar.epoch(record, state.best)
+            tracker.log(state.history)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, record)
             if config.patience and state.stale >= config.patience:
                 stopped_early = True
                 break
+        outcome = "finished"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        raise
     finally:
         bar.close()
+        tracker.close(outcome)
     return _finish(vae, config, data, files, info, held_out["test"], stopped_early)
 
 

@@ -29,17 +29,20 @@ def study_figures(group: list[Setting], out: Path, figures: Path, d: int) -> dic
     with seeded(0, x.device):
         made["samples from each prior"] = plot_image_rows(
             {lab: r.vae.sample(12) for lab, r in runs.items()}, shape, figures / f"samples-z{d}.png",
-            f"decoded z ~ p(z), latent size {d}")
+            f"E[x | z] (the decoder's mean) for z ~ p(z), latent size {d}")
         made["samples from the ex-post mixture"] = plot_image_rows(
-            {lab: r.vae.decode(ex_post_mixture(r).sample(12)) for lab, r in runs.items()}, shape, figures / f"ex-post-samples-z{d}.png",
-            f"decoded z ~ Gaussian mixture fitted to the codes, latent size {d}")
+            {lab: r.vae.decode(ex_post_mixture(r).sample(12)) for lab, r in runs.items()}, shape,
+            figures / f"ex-post-samples-z{d}.png",
+            f"E[x | z] for z ~ a Gaussian mixture fitted to the codes, latent size {d}")
     recon = {"data": x[:12]}
     recon.update({lab: r.vae.reconstruct(x[:12]) for lab, r in runs.items()})
     made["reconstructions"] = plot_image_rows(recon, shape, figures / f"reconstructions-z{d}.png",
                                               f"test images and their reconstructions, latent size {d}")
+    ends = {"endpoints": torch.cat([x[:1], torch.full_like(x[:8], 0.5), x[1:2]])}
     made["latent interpolations"] = plot_image_rows(
-        {lab: _interpolate(r.vae, x[0], x[1]) for lab, r in runs.items()}, shape,
-        figures / f"interpolations-z{d}.png", f"decoding the line between two test images' codes, latent size {d}")
+        {**ends, **{lab: _interpolate(r.vae, x[0], x[1]) for lab, r in runs.items()}}, shape,
+        figures / f"interpolations-z{d}.png", f"the two test images (first row, at the ends) and E[x | z] along "
+        f"the line between their codes, latent size {d}")
     ncol = min(4, len(runs))
     nrow = math.ceil(len(runs) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.8 * nrow), squeeze=False)
