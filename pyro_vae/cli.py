@@ -272,7 +272,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .outputs import check_output_file
-    from .plots import plot_images
+    from .plots import SAMPLES_TITLE, plot_images
     from .resources import check_fits
     from .run_dir import load_run
 
@@ -282,7 +282,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_fits(f"--n {args.n} samples", 3.0 * args.n * (run.vae.data_dim + run.vae.latent_dim))
     out = check_output_file(args.out or run.figures / f"samples-seed{args.seed}.png")
     torch.manual_seed(args.seed)
-    plot_images(run.vae.sample(args.n), run.vae.image_shape, out, "decoded samples z ~ p(z)")
+    plot_images(run.vae.sample(args.n), run.vae.image_shape, out, SAMPLES_TITLE)
     print(out)
     return 0
 

@@ -10,7 +10,8 @@ import torch
 from pyro.distributions import constraints
 
 from ..inference.evaluate import ex_post_mixture
-from ..plots import draw_latent_space, plot_image_rows, save_figure  # first: it sets matplotlib's Agg backend
+from ..plots import (draw_latent_space, plot_image_rows, plot_prior_parameters,  # first: it sets the Agg backend
+                     save_figure)
 from ..run_dir import RunFiles, load_run
 from ..seeding import seeded
 from .settings import Setting
@@ -55,6 +56,10 @@ def study_figures(group: list[Setting], out: Path, figures: Path, d: int) -> dic
     fig.suptitle(title)
     fig.tight_layout()
     made["aggregate posterior"] = save_figure(fig, figures / f"aggregate-posterior-z{d}.png")
+    for lab, r in runs.items():  # learned priors: mixture means and weights, pseudo-inputs
+        path = plot_prior_parameters(r.vae, figures / f"prior-{lab.replace(':', '_')}-z{d}.png")
+        if path is not None:
+            made[f"the learned prior {lab}"] = path
     return made
 
 
