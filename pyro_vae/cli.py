@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, metavar="RUN",
                        help="continue the interrupted run in RUN from its last checkpoint (--epochs may extend it)")
     train.add_argument("--trust-prior", action="store_true", help=TRUST_HELP + "; with --resume or --config")
+    train.add_argument("--devices", type=int, default=1, help="data-parallel processes (GPUs with --accelerator cuda) "
+                       "per node, through Lightning Fabric (default: 1, no Fabric)")
+    train.add_argument("--num-nodes", type=int, default=1, help="nodes for --devices (torchrun or SLURM; default: 1)")
+    train.add_argument("--accelerator", choices=("cpu", "cuda"), help="for --devices (default: --device)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(train)
 
@@ -127,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         study.add_argument("--trust-prior", action="store_true",
                            help="import priors the --config file names as module:attribute (importing runs code)")
         study.add_argument("--out", type=Path, required=True, help="study directory (runs/, report.md, figures/)")
+        study.add_argument("--executor", choices=("local", "ray"), default="local",
+                           help="run the settings here one after another, or as Ray tasks (default: local)")
+        study.add_argument("--ray-address", metavar="ADDR", help="a Ray cluster's address (default: start a local one)")
+        study.add_argument("--cpus-per-run", type=int, help="CPUs (torch threads) per run (default: all; Ray: 1)")
+        study.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs per Ray task (default: 0)")
         study.add_argument("--restart", action="store_true",
                            help="train again the runs in --out whose config differs from this command's settings")
         study.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -163,7 +172,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     _warn_without_effect(args, priors)
     command = "pyro-vae " + " ".join(sys.argv[1:]) if sys.argv and "pyro" in sys.argv[0] else ""
     report = run_study(args.command, settings, args.out, k=options["k"], progress=not args.quiet, command=command,
-                       restart=args.restart)
+                       restart=args.restart, executor=args.executor, ray_address=args.ray_address,
+                       cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
     print(f"report: {report} (and {report.with_suffix('.html')})")
     return 0
 
@@ -252,8 +262,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if extra or args.config or args.out:
             raise PyroVAEError("--resume takes the run's own config.json; only --epochs and --jit/--no-jit may "
                                "be given with it")
+        if args.devices > 1 or args.num_nodes > 1:
+            return _train_distributed(args, None)
         run = resume(args.resume, epochs=getattr(args, "epochs", None), jit=getattr(args, "jit", None),
                      trust=args.trust_prior, progress=not args.quiet)
+    elif args.devices > 1 or args.num_nodes > 1:
+        return _train_distributed(args, _config_from_args(args)[0])
     else:
         config = _config_from_args(args)[0]
         _warn_without_effect(args, [config.prior])
@@ -265,6 +279,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     why = "" if info["compiled"] else f" (not compiled: {info['not_compiled_because']})"
     print(f"  objective: {info['elbo']}{why}")
     print(f"  figures: {run.figures}/")
+    return 0
+
+
+def _train_distributed(args: argparse.Namespace, config: Config | None) -> int:
+    """pyro-vae train --devices N: data-parallel through Lightning Fabric (rank 0 prints the result)."""
+    import dataclasses as dc
+
+    from .inference.distributed import train_distributed
+    from .run_dir import RunFiles
+
+    out = args.resume if config is None else args.out
+    if config is None:
+        config = RunFiles(args.resume).read_config()
+        if getattr(args, "epochs", None) is not None:
+            config = dc.replace(config, epochs=args.epochs)
+    elif out is None:
+        from .inference.train import default_run_path
+
+        out = default_run_path(config)
+    run = train_distributed(config, out, devices=args.devices, num_nodes=args.num_nodes,
+                            accelerator=args.accelerator or config.device, resume=config is not None and
+                            args.resume is not None, progress=not args.quiet)
+    if run is not None:
+        print(f"run directory: {run.path}\n  epochs: {run.info['epochs_completed']}  test ELBO: "
+              f"{run.info['test_elbo']:.3f} nats  ({args.devices * args.num_nodes} processes, {run.info['elbo']})")
     return 0
 
 

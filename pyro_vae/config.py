@@ -26,7 +26,7 @@ LOGS = ("none", "csv", "tensorboard", "mlflow")
 OBJECTIVES = ("trace", "analytic", "iwae")
 DEVICES = ("cpu", "cuda")
 FLOWS = ("spline-coupling", "affine-autoregressive")
-GUIDES = ("auto", "normal", "full-covariance", "iaf", "sphere", "relaxed-categorical")
+GUIDES = ("auto", "normal", "full-covariance", "iaf", "sphere", "projected-normal", "relaxed-categorical")
 SEED_LIMIT = 2**32
 PRIOR_REFERENCE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 """``module:attribute``, the way to name a prior of your own (``--prior my_priors:cauchy``)."""
@@ -56,7 +56,8 @@ class Config:
     latent_dim: int = _opt("size of the latent z", default=2)
     prior: str = _opt(
         "the prior p(z): normal, learned-normal, laplace, student-t, logistic, uniform, mog, mog-enum, vamp, "
-        "flow, sphere, projected-normal, dirichlet, relaxed-categorical, or module:attribute for your own",
+        "flow, sphere, power-spherical, vmf, projected-normal, dirichlet, relaxed-categorical, or module:attribute "
+        "for your own",
         default="normal",
     )
     prior_scale: float = _opt("laplace, logistic, uniform: standard deviation per coordinate; student-t: scale",
@@ -66,7 +67,7 @@ class Config:
     prior_learnable: bool = _opt("mog, mog-enum: learn weights, means and scales (else fixed)", default=True)
     prior_flow: str = _opt("flow: the transforms", choices=FLOWS, default="spline-coupling")
     prior_flow_layers: int = _opt("flow: number of flow layers", default=2)
-    prior_concentration: float = _opt("projected-normal: kappa; dirichlet: alpha", default=1.0)
+    prior_concentration: float = _opt("power-spherical, vmf, projected-normal: kappa; dirichlet: alpha", default=1.0)
     prior_temperature: float = _opt("relaxed-categorical: temperature tau", default=0.5)
     prior_args: dict = _opt("a prior of your own: keyword arguments after latent_dim (--prior-arg name=value, "
                             "repeatable)", default_factory=dict)
@@ -76,7 +77,8 @@ class Config:
                            "VampPrior code's), or (data) as training images plus noise of sd 0.01 (its "
                            "use_training_data_init)", choices=PRIOR_INITS, default="random")
     guide: str = _opt(
-        "q(z|x): auto follows the prior's support (normal through biject_to; sphere; relaxed-categorical); "
+        "q(z|x): auto follows the prior's support (normal through biject_to; sphere: the power spherical, any d; "
+        "projected-normal, d <= 4; relaxed-categorical); "
         "full-covariance and iaf (inverse autoregressive flow) are richer",
         choices=GUIDES,
         default="auto",

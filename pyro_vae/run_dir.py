@@ -196,7 +196,8 @@ class RunFiles:
     def load_checkpoint(self, device: torch.device | str = "cpu") -> Checkpoint:
         state = torch_load(self.path / CHECKPOINT, "the checkpoint", device)
         try:
-            state["rng"] = {k: (v.cpu() if v is not None else None) for k, v in state["rng"].items()}  # on the CPU
+            state["rng"] = {k: (v.cpu() if torch.is_tensor(v) else [t.cpu() for t in v] if isinstance(v, list) else v)
+                            for k, v in state["rng"].items()}  # RNG states live on the CPU
             return Checkpoint(**state)
         except (TypeError, KeyError, AttributeError):
             raise PyroVAEError(f"{self.path / CHECKPOINT}: not a pyro-vae checkpoint") from None

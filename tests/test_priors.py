@@ -19,8 +19,9 @@ from pyro_vae.models.priors import PRIORS, PriorOptions, build_prior
 
 from conftest import tiny_config
 
-DIM_LIMITS = {"sphere": (2, 8), "projected-normal": (2, 4), "dirichlet": (2, 8), "relaxed-categorical": (2, 8)}
-SIMPLEX_OR_SPHERE = {"sphere", "projected-normal", "dirichlet", "relaxed-categorical"}
+DIM_LIMITS = {"sphere": (2, 8), "power-spherical": (2, 8), "vmf": (2, 8), "projected-normal": (2, 4),
+              "dirichlet": (2, 8), "relaxed-categorical": (2, 8)}
+SIMPLEX_OR_SPHERE = {"sphere", "power-spherical", "vmf", "projected-normal", "dirichlet", "relaxed-categorical"}
 EUCLIDEAN = sorted(set(PRIORS) - SIMPLEX_OR_SPHERE)
 QUADRATURE = sorted(set(EUCLIDEAN) - {"flow"})  # random spline flows are too spiky for a grid: see below
 LEARNABLE = ["learned-normal", "mog", "mog-enum", "vamp", "flow"]

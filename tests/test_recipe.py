@@ -126,6 +126,8 @@ def test_the_recipe_is_the_papers_setting():
     assert (config.warmup_epochs, config.patience, config.epochs, config.optimizer) == (100.0, 50, 2000,
                                                                                         "adam-normgrad")
     assert recipe.study == {"priors": ["normal", "mog", "vamp"], "latent_dims": [40], "seeds": 1, "k": 5000}
+    svae = read_config_file("svae-static-mnist")
+    assert svae.study["priors"] == ["normal", "sphere"] and svae.study["latent_dims"] == [2, 5, 10, 20, 40]
 
 
 def test_a_config_file_round_trips_and_flags_override_it(tmp_path, digits):

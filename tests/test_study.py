@@ -78,8 +78,8 @@ def test_study_bad_input(tmp_path):
     assert main(["sweep-beta", "--betas", "0,-1", "--out", str(tmp_path / "s"), *TINY]) == 2
     assert main(["sweep-beta", "--betas", "a", "--out", str(tmp_path / "s"), *TINY]) == 2
     # a combination that cannot be built is refused before any run trains
-    assert main(["compare", "--priors", "normal,sphere", "--latent-dims", "2,8", "--out", str(tmp_path / "s"),
-                 *TINY]) == 2
+    assert main(["compare", "--priors", "normal,projected-normal", "--latent-dims", "2,8", "--out",
+                 str(tmp_path / "s"), *TINY]) == 2
     assert not (tmp_path / "s").exists()
 
 

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import PyroVAEError
 from ..seeding import seeded
-from .mcmc import is_plain_vae, unconstrained_log_joint
+from .mcmc import SphereProjection, is_plain_vae, unconstrained_log_joint
 from .metrics import log_weights
 from .settings import SEEDS
 
@@ -56,8 +56,12 @@ def nuts_proposal_log_weights(vae, x: torch.Tensor, nuts_z: torch.Tensor, num_pa
     tails and a wider spread than the draws) with their mean and covariance, in the unconstrained
     space u = biject_to(support)^-1(z) where the density of z carries the Jacobian. A proposal that
     covers the whole posterior: its log-mean-exp estimates log p(x) much more tightly than a
-    mean-field guide's (which is too narrow when the posterior is correlated)."""
+    mean-field guide's (which is too narrow when the posterior is correlated). On the sphere the
+    proposal is a power spherical per data point, fit to the draws' mean direction and mean resultant
+    length with half the concentration (:func:`sphere_proposal_log_weights`)."""
     log_joint, transform = unconstrained_log_joint(vae, x)
+    if isinstance(transform, SphereProjection):
+        return sphere_proposal_log_weights(vae, x, nuts_z, num_particles, chunk)
     u = transform.inv(nuts_z.to(x.device)).double()  # (chain, draw, N, d_u)
     u = u.reshape(-1, *u.shape[2:])
     proposals = []
@@ -79,6 +83,32 @@ def nuts_proposal_log_weights(vae, x: torch.Tensor, nuts_z: torch.Tensor, num_pa
         uk = proposal.sample((k,))  # (k, N, d_u), float64
         lw = log_joint(uk.to(x.dtype)).double() - proposal.log_prob(uk)
         parts.append(lw)
+        left -= k
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def sphere_proposal_log_weights(vae, x: torch.Tensor, nuts_z: torch.Tensor, num_particles: int,
+                                chunk: int = 500) -> torch.Tensor:
+    """log p(x, z_k) - log r(z_k), shape (K, N), float64, z_k ~ r = PowerSpherical(mu_n, kappa_n / 2) per
+    data point: mu_n the NUTS draws' mean direction, kappa_n matching their mean resultant length R
+    (E[mu^T z] = (a - b) / (a + b), b = (d - 1) / 2, a = b + kappa), halved for heavier tails."""
+    from ..models.sphere import PowerSpherical
+
+    z = nuts_z.to(x.device).double().reshape(-1, *nuts_z.shape[2:])  # (draws, N, d)
+    mean = z.mean(0)
+    length = mean.norm(dim=-1).clamp(1e-6, 1 - 1e-6)
+    b = (z.shape[-1] - 1) / 2
+    kappa = 0.5 * (b * (1 + length) / (1 - length) - b).clamp_min(1e-3)
+    proposal = PowerSpherical(mean / mean.norm(dim=-1, keepdim=True), kappa)
+    prior = vae.prior()
+    parts, left = [], num_particles
+    while left > 0:
+        k = min(chunk, left)
+        zk = proposal.rsample((k,))  # (k, N, d)
+        zx = zk.to(x.dtype)
+        log_p = prior.log_prob(zx) + vae.likelihood(vae.decoder(zx)).log_prob(x)
+        parts.append(log_p.double() - proposal.log_prob(zk))
         left -= k
     return torch.cat(parts)
 

@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from pyro import poutine
+from pyro.distributions import constraints
 from pyro.infer import MCMC, NUTS
 from pyro.poutine.util import site_is_subsample
 from torch import nn
@@ -35,11 +37,32 @@ SAMPLE_STATS = ("diverging", "step_size", "tree_depth", "n_steps", "acceptance_r
 # --------------------------------------------------------------------------- what NUTS can sample
 
 
+class SphereProjection(torch.distributions.Transform):
+    """y -> y / |y|, from R^d onto the sphere; its "inverse" takes a point of the sphere to itself (one of
+    its preimages). Not a bijection: NUTS samples y under the augmented density of
+    :func:`unconstrained_log_joint`, whose directions are the target on the sphere."""
+
+    domain = constraints.real_vector
+    codomain = constraints.sphere
+    bijective = False
+
+    def __eq__(self, other):
+        return isinstance(other, SphereProjection)
+
+    def _call(self, y):
+        return y / y.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def _inverse(self, z):
+        return z
+
+
 def support_transform(support, what: str = "z"):
     """``biject_to(support)`` (looking through mixtures): the map from unconstrained space that NUTS
-    samples in. :class:`PyroVAEError` naming the support where there is none (a discrete support,
-    or e.g. ``constraints.sphere``)."""
+    samples in; for the sphere, :class:`SphereProjection`. :class:`PyroVAEError` naming the support where
+    there is none (a discrete support, or e.g. a simplex of torch's without ``biject_to``)."""
     base = unwrap_mixture(support)
+    if base is constraints.sphere:
+        return SphereProjection()
     if base.is_discrete:
         raise PyroVAEError(
             f"NUTS cannot sample {what}: its support {describe(support)} is discrete "
@@ -56,7 +79,7 @@ def support_transform(support, what: str = "z"):
 
 def check_nuts_support(vae, x: torch.Tensor | None = None) -> dict:
     """Raise :class:`PyroVAEError` if NUTS cannot sample the posterior over z: a prior with a discrete
-    support, or one without ``biject_to`` (e.g. ``constraints.sphere``). With ``x`` (a batch of data),
+    support, or one without ``biject_to`` (other than the sphere, sampled by augmentation). With ``x`` (a batch of data),
     also check every other latent sample site of ``vae.model`` the same way. Cheap: one prior call and,
     with ``x``, one trace of the model on a single data point.
 
@@ -192,9 +215,29 @@ def unconstrained_log_joint(vae, x: torch.Tensor):
         log_joint(u) = log p(z) + log p(x | z) + log |det dz/du|     per data point: shape u.shape[:-1]
 
     for u of shape (..., N, d_u), broadcasting against x (N, D). It is the log density NUTS samples
-    (up to log p(x)), and the importance weight's numerator for proposals in unconstrained space."""
+    (up to log p(x)), and the importance weight's numerator for proposals in unconstrained space.
+
+    On the sphere (no bijection from R^d) the standard augmentation: u in R^d with z = u / |u| and
+
+        log_joint(u) = log p(z) + log p(x | z) + log N(u; 0, I_d) + log |S^{d-1}|,
+
+    under which z has the target density on the sphere and |u| an independent chi_d radius (a N(0, I)
+    vector's direction is uniform and independent of its length), so that HMC moves freely in R^d
+    and the u-integral of exp(log_joint) is p(x)."""
     prior = vae.prior()
     transform = support_transform(prior.support)
+    if isinstance(transform, SphereProjection):
+        from ..models.sphere import log_sphere_area
+
+        d = prior.event_shape[-1]
+        const = log_sphere_area(d) - 0.5 * d * math.log(2 * math.pi)
+
+        def log_joint_sphere(u: torch.Tensor) -> torch.Tensor:
+            z = transform(u)
+            return (prior.log_prob(z) + vae.likelihood(vae.decoder(z)).log_prob(x) - 0.5 * (u * u).sum(-1)
+                    + const)
+
+        return log_joint_sphere, transform
 
     def log_joint(u: torch.Tensor) -> torch.Tensor:
         z = transform(u)
@@ -249,6 +292,9 @@ def run_nuts(vae, x: torch.Tensor, settings: AnalysisSettings | None = None, **o
     num_chains, num_draws, warmup, seed, progress = s.num_chains, s.num_draws, s.warmup, s.seed, s.progress
     x = x.to(vae.device)
     transforms = check_nuts_support(vae, x)
+    if not is_plain_vae(vae) and any(isinstance(t, SphereProjection) for t in transforms.values()):
+        raise PyroVAEError("NUTS on the sphere samples the augmented density of the plain VAE model; this "
+                           f"model ({type(vae).__name__}.model) is traced by Pyro, which has no such augmentation")
     started = time.perf_counter()
     chains, records = [], []
     bar = tqdm(total=num_chains * (warmup + num_draws), disable=not progress, unit="it", desc="NUTS",

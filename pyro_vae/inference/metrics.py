@@ -214,7 +214,12 @@ class ExPostMixture:
         self.gmm = GaussianMixture(n_components=min(components, len(z)), covariance_type="full",
                                    random_state=seed, reg_covar=1e-5).fit(z)
         self.device = x.device
+        with torch.no_grad():
+            self.sphere = vae.prior().support is pyro.distributions.constraints.sphere
 
     def sample(self, n: int) -> torch.Tensor:
+        """n draws of the fitted mixture; on a spherical latent space projected onto the sphere (the
+        mixture is fitted to posterior means, which lie inside the ball)."""
         z, _ = self.gmm.sample(n)
-        return torch.as_tensor(z, dtype=torch.float32, device=self.device)
+        z = torch.as_tensor(z, dtype=torch.float32, device=self.device)
+        return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12) if self.sphere else z

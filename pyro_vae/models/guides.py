@@ -3,7 +3,8 @@
 Euclidean families (diagonal Normal, full-covariance Normal, inverse autoregressive flow) live on
 R^m and are pushed through ``T = biject_to(prior.support)`` when the support is constrained, as
 Pyro's autoguides do (m = the unconstrained size, e.g. d - 1 on the simplex). Supports with no
-such bijection get their own family: the sphere (projected normal) and the relaxed one-hot
+such bijection get their own family: the sphere (power spherical at any d, or the projected normal for
+d <= 4) and the relaxed one-hot
 categorical. :func:`build_guide` chooses and checks.
 """
 
@@ -98,6 +99,30 @@ class InverseAutoregressiveFlow(nn.Module):
         return loc
 
 
+class PowerSphericalFamily(nn.Module):
+    """q(z | x) = PowerSpherical(mu(x), kappa(x)) on S^{d-1}, any d >= 2: the encoder gives d + 1 numbers,
+    a direction mu = h / |h| and kappa = softplus(h_{d+1}) + 1e-3 (reparameterised; KL to the uniform
+    prior in closed form)."""
+
+    support = constraints.sphere
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim < 2:
+            raise PyroVAEError(f"the sphere guide needs latent_dim >= 2, got {dim}")
+        self.dim = dim
+        self.num_inputs = dim + 1
+
+    def forward(self, h: torch.Tensor) -> dist.Distribution:
+        from .sphere import PowerSpherical
+
+        return PowerSpherical(self.location(h), 1e-3 + softplus(h[..., self.dim]))
+
+    def location(self, h: torch.Tensor) -> torch.Tensor:
+        direction = h[..., : self.dim]
+        return direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 class ProjectedNormalFamily(nn.Module):
     """q(z | x) = ProjectedNormal(c(x)) on the sphere: direction c/|c|, concentration |c|."""
 
@@ -106,7 +131,8 @@ class ProjectedNormalFamily(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         if dim not in (2, 3, 4):
-            raise PyroVAEError(f"the sphere guide (projected normal) works for latent_dim 2, 3 or 4, got {dim}")
+            raise PyroVAEError(f"the projected-normal guide works for latent_dim 2, 3 or 4, got {dim} "
+                               "(--guide sphere, the power spherical, works at any latent_dim)")
         self.num_inputs = dim
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:
@@ -169,7 +195,8 @@ class AmortizedNormal(AmortizedGuide):
 
 
 EUCLIDEAN = ("normal", "full-covariance", "iaf")
-FAMILIES = ("auto",) + EUCLIDEAN + ("sphere", "relaxed-categorical")
+SPHERE = ("sphere", "projected-normal")
+FAMILIES = ("auto",) + EUCLIDEAN + SPHERE + ("relaxed-categorical",)
 """The guide families ``--guide`` names (``auto`` follows the prior)."""
 
 
@@ -183,11 +210,11 @@ def choose_family(guide: str, support, prior: Prior) -> str:
                 f"the {guide} guide cannot reach the prior's support {support}: no bijection from R^m "
                 f"(use --guide {'sphere' if support is constraints.sphere else 'auto'})"
             )
-    elif guide == "sphere" and support is not constraints.sphere:
-        raise PyroVAEError(f"the sphere guide needs a prior on the sphere, but the prior's support is {support}")
+    elif guide in SPHERE and support is not constraints.sphere:
+        raise PyroVAEError(f"the {guide} guide needs a prior on the sphere, but the prior's support is {support}")
     elif guide == "relaxed-categorical" and support is not constraints.simplex:
         raise PyroVAEError(f"the relaxed-categorical guide needs a prior on the simplex, not on {support}")
-    elif guide not in EUCLIDEAN + ("sphere", "relaxed-categorical"):
+    elif guide not in FAMILIES:
         raise PyroVAEError(f"unknown guide {guide!r}")
     return guide
 
@@ -204,6 +231,8 @@ def build_guide(guide: str, encoder_factory, latent_dim: int, prior: Prior, *, t
         family = {"normal": lambda: DiagonalNormal(dim, scale), "full-covariance": lambda: FullCovarianceNormal(dim),
                   "iaf": lambda: InverseAutoregressiveFlow(dim, flow_layers)}[kind]()
     elif kind == "sphere":
+        family = PowerSphericalFamily(latent_dim)
+    elif kind == "projected-normal":
         family = ProjectedNormalFamily(latent_dim)
     else:
         temperature = prior.guide_temperature() or temperature

@@ -26,7 +26,7 @@ from ..errors import PyroVAEError
 from .base import CallablePrior, FixedDistribution, Prior, as_prior, check_prior
 from .user_priors import OBJECT, UntrustedPrior, import_prior, prior_reference, with_arguments
 from .mixtures import EnumeratedMixture, MixtureOfGaussians, VampPrior
-from .sphere import UniformSphereDistribution
+from .sphere import PowerSpherical, UniformSphereDistribution, VonMisesFisher
 
 _DEFAULTS = Config()
 
@@ -173,6 +173,48 @@ class UniformSphere(Prior):
         return UniformSphereDistribution(self.latent_dim, self._anchor.device)
 
 
+class _SpherePrior(Prior):
+    """A (mu, kappa) family on the sphere: the mean direction mu = m / |m| and the concentration
+    kappa = softplus(k) learned (from mu = e_1 and the given kappa), or fixed at e_1 and kappa."""
+
+    traceable = True
+    family = None
+
+    def __init__(self, latent_dim: int, concentration: float = _DEFAULTS.prior_concentration,
+                 learnable: bool = _DEFAULTS.prior_learnable):
+        super().__init__()
+        if latent_dim < 2:
+            raise PyroVAEError(f"a prior on the sphere needs latent_dim >= 2, got {latent_dim}")
+        if not concentration > 0 or not math.isfinite(concentration):
+            raise PyroVAEError(f"the concentration kappa must be a finite number > 0, got {concentration}")
+        direction = torch.zeros(latent_dim)
+        direction[0] = 1.0
+        raw = torch.tensor(float(concentration)).expm1().log()  # softplus^-1
+        if learnable:
+            self.raw_direction, self.raw_concentration = nn.Parameter(direction), nn.Parameter(raw)
+        else:
+            self.register_buffer("raw_direction", direction)
+            self.register_buffer("raw_concentration", raw)
+
+    def forward(self):
+        mu = self.raw_direction / self.raw_direction.norm().clamp_min(1e-12)
+        return self.family(mu, torch.nn.functional.softplus(self.raw_concentration))
+
+
+class PowerSphericalPrior(_SpherePrior):
+    """p(z) = PowerSpherical(mu, kappa) on S^{d-1}, any d >= 2 (De Cao & Aziz 2020)."""
+
+    family = staticmethod(lambda mu, kappa: PowerSpherical(mu, kappa))
+
+
+class VonMisesFisherPrior(_SpherePrior):
+    """p(z) = vMF(mu, kappa) on S^{d-1}, any d >= 2. Not traceable: its normaliser's Bessel function is
+    computed by scipy, outside the graph a trace would record."""
+
+    traceable = False
+    family = staticmethod(lambda mu, kappa: VonMisesFisher(mu, kappa))
+
+
 class ProjectedNormalPrior(Prior):
     """p(z) = ProjectedNormal(kappa e_1): z = y / |y|, y ~ N(kappa e_1, I); concentrated around e_1
     (kappa = concentration; Pyro implements its density for d = 2, 3, 4)."""
@@ -266,6 +308,8 @@ PRIORS: dict[str, Callable[[int, PriorOptions], Prior]] = {
     "vamp": lambda d, o: VampPrior(d, _need_data_dim(o), o.components),
     "flow": lambda d, o: FlowPrior(d, o.flow, o.flow_layers),
     "sphere": lambda d, o: UniformSphere(d),
+    "power-spherical": lambda d, o: PowerSphericalPrior(d, o.concentration, o.learnable),
+    "vmf": lambda d, o: VonMisesFisherPrior(d, o.concentration, o.learnable),
     "projected-normal": lambda d, o: ProjectedNormalPrior(d, o.concentration),
     "dirichlet": lambda d, o: DirichletPrior(d, o.concentration),
     "relaxed-categorical": lambda d, o: RelaxedCategorical(d, o.temperature),
@@ -276,9 +320,11 @@ FLOWS = ("spline-coupling", "affine-autoregressive")
 """The transforms :class:`FlowPrior` builds (``--prior-flow``)."""
 
 USES = {"prior_scale": ("laplace", "logistic", "uniform", "student-t"), "prior_df": ("student-t",),
-        "prior_components": ("mog", "mog-enum", "vamp"), "prior_learnable": ("mog", "mog-enum"),
+        "prior_components": ("mog", "mog-enum", "vamp"),
+        "prior_learnable": ("mog", "mog-enum", "power-spherical", "vmf"),
         "prior_flow": ("flow",), "prior_flow_layers": ("flow",), "prior_init": ("vamp",),
-        "prior_concentration": ("projected-normal", "dirichlet"), "prior_temperature": ("relaxed-categorical",)}
+        "prior_concentration": ("projected-normal", "dirichlet", "power-spherical", "vmf"),
+        "prior_temperature": ("relaxed-categorical",)}
 """Which built-in priors each ``--prior-*`` option applies to (``--prior-arg`` applies to priors of your own)."""
 
 
@@ -325,5 +371,5 @@ __all__ = ["Prior", "PriorOptions", "PRIORS", "FLOWS", "USES", "options_without_
            "UntrustedPrior", "import_prior", "check_prior", "prior_reference", "OBJECT",
            "FixedDistribution", "CallablePrior", "StandardNormal", "LearnedNormal", "Laplace", "Logistic",
            "UniformBox", "StudentT", "MixtureOfGaussians", "EnumeratedMixture", "VampPrior", "FlowPrior",
-           "UniformSphere", "ProjectedNormalPrior", "DirichletPrior", "RelaxedCategorical",
+           "UniformSphere", "PowerSphericalPrior", "VonMisesFisherPrior", "ProjectedNormalPrior", "DirichletPrior", "RelaxedCategorical",
            "UniformSphereDistribution"]

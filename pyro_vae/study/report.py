@@ -105,8 +105,10 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(kind: str, settings: list[Setting], out: Path, command: str = "") -> Path:
-    """report.md and report.html, with figures in ``out/figures``."""
+def write_report(kind: str, settings: list[Setting], out: Path, command: str = "",
+                 failures: dict[str, str] | None = None) -> Path:
+    """report.md and report.html, with figures in ``out/figures``; ``failures`` (name -> error) are the
+    settings whose runs failed, listed instead of reported."""
     import markdown
 
     figures = out / "figures"
@@ -144,6 +146,8 @@ def write_report(kind: str, settings: list[Setting], out: Path, command: str = "
     if kind == "sweep-beta":
         lines += _beta_findings(out, settings)
     lines += _health_section(out, settings)
+    if failures:
+        lines += ["## Runs that failed", ""] + [f"- **{name}**: {error}" for name, error in failures.items()] + [""]
     text = "\n".join(lines)
     atomic_write_bytes(out / "report.md", text.encode())
     html = markdown.markdown(text, extensions=["tables"])

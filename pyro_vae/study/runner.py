@@ -8,26 +8,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ..errors import PyroVAEError
-from ..inference.evaluate import evaluate
-from ..run_dir import RunFiles, atomic_write_json, load_run
+from ..run_dir import RunFiles, atomic_write_json
+from .executors import clear
 from .settings import Setting
 
 
 def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1000, progress: bool = True,
-              command: str = "", restart: bool = False) -> Path:
+              command: str = "", restart: bool = False, executor: str = "local", ray_address: str | None = None,
+              cpus_per_run: int | None = None, gpus_per_run: float = 0.0) -> Path:
     """Train and evaluate every setting (skipping finished ones, resuming interrupted ones), then write
     the report. A run already in ``out`` is reused only if its config.json equals the setting's config;
     otherwise the study stops and names the fields that differ, before any work (``restart=True``
-    trains those runs again from scratch)."""
-    from ..inference.train import resume, train
+    trains those runs again from scratch).
+
+    ``executor``: ``local`` (here, one run after another) or ``ray`` (each setting a Ray task, on the
+    cluster at ``ray_address`` or a local one; see :mod:`pyro_vae.study.executors`), each run pinned to
+    ``cpus_per_run`` threads (and ``gpus_per_run`` GPUs under Ray). Under Ray a failed run is reported
+    with its error while the others finish; the report covers the finished ones and the study then
+    fails naming the others."""
+    from .executors import EXECUTORS, run_local, run_ray
     from .report import write_report
 
     out = Path(out)
     if k < 1:
         raise PyroVAEError(f"--k must be >= 1, got {k}")
+    if executor not in EXECUTORS:
+        raise PyroVAEError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if cpus_per_run is not None and cpus_per_run < 1 or gpus_per_run < 0:
+        raise PyroVAEError("--cpus-per-run must be >= 1 and --gpus-per-run >= 0")
     check_settings(settings, k)
     stale = [s for s in settings if _stale(out, s)]
     if stale and not restart:
@@ -36,29 +45,24 @@ def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1
                            f"({first.name}: {', '.join(_stale(out, first))}): pass --restart to train them again, "
                            "or pick another --out")
     for s in stale:
-        _clear(out / "runs" / s.name)
+        clear(out / "runs" / s.name)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "study.json", {"kind": kind, "command": command, "k": k,
                                            "settings": [{"name": s.name, "label": s.label, "latent_dim": s.latent_dim,
                                                          "seed": s.seed, "config": s.config.to_dict()}
                                                         for s in settings]})
-    bar = tqdm(settings, desc=f"{kind} study", unit="run", disable=not progress)
-    for s in bar:
-        bar.set_postfix_str(s.name)
-        files = RunFiles(out / "runs" / s.name)
-        path = files.path
-        status = files.read_info().get("status")
-        if status != "finished":
-            if files.has_checkpoint() and status in ("interrupted", "running"):
-                resume(path, progress=progress, trust=True)  # its config is this setting's, named by the caller
-            else:
-                if path.exists():  # a start that wrote nothing useful: begin again
-                    _clear(path)
-                train(s.config, path, progress=progress)
-        if not files.has_metrics():
-            evaluate(load_run(path, trust=True), num_particles=k, progress=progress)
-    bar.close()
-    return write_report(kind, settings, out, command)
+    if executor == "ray":
+        failures = run_ray(out, settings, k, address=ray_address, cpus=cpus_per_run or 1, gpus=gpus_per_run,
+                           progress=progress)
+    else:
+        failures = run_local(out, settings, k, cpus_per_run, progress)
+    finished = [s for s in settings if s.name not in failures]
+    report = write_report(kind, finished, out, command, failures=failures) if finished else None
+    if failures:
+        raise PyroVAEError(f"{len(failures)} of {len(settings)} runs failed ("
+                           + "; ".join(f"{name}: {error}" for name, error in failures.items())
+                           + (f"); the report covers the others: {report}" if report else ")"))
+    return report
 
 
 def check_settings(settings: list[Setting], k: int = 1) -> None:
@@ -98,9 +102,3 @@ def _stale(out: Path, setting: Setting) -> list[str]:
     wanted = setting.config.to_dict()
     filled_in = {"prior_path"} if wanted["prior_path"] is None else set()  # training records where the module was
     return [f"{k}={stored[k]!r} (wanted {wanted[k]!r})" for k in wanted if stored[k] != wanted[k] and k not in filled_in]
-
-
-def _clear(path: Path) -> None:
-    for f in sorted(path.rglob("*"), reverse=True):
-        f.rmdir() if f.is_dir() else f.unlink()
-    path.rmdir()

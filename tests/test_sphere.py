@@ -1,0 +1,194 @@
+"""Hyperspherical latents: the power spherical and von Mises-Fisher distributions, their priors and the
+power spherical guide at any d, NUTS on the sphere, and every metric on sphere latents."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+from torch import nn
+
+from pyro_vae import PyroVAEError, build_vae, train
+from pyro_vae.inference.analysis import analyze
+from pyro_vae.inference.evaluate import evaluate
+from pyro_vae.models.guides import AmortizedGuide, PowerSphericalFamily
+from pyro_vae.models.linear_gaussian import IdentityGaussian
+from pyro_vae.models.priors import UniformSphere
+from pyro_vae.models.sphere import PowerSpherical, UniformSphereDistribution, VonMisesFisher, log_sphere_area
+from pyro_vae.models.vae import VAE
+
+from conftest import tiny_config
+
+FAMILIES = [PowerSpherical, VonMisesFisher]
+
+
+def _unit(v):
+    v = torch.as_tensor(v, dtype=torch.float64)
+    return v / v.norm()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kappa", [0.3, 4.0, 40.0])
+def test_densities_integrate_to_one_on_the_circle_and_the_sphere(family, kappa):
+    circle = family(_unit([0.6, -0.8]), torch.tensor(kappa, dtype=torch.float64))
+    total, _ = integrate.quad(lambda th: circle.log_prob(torch.tensor([math.cos(th), math.sin(th)],
+                                                                        dtype=torch.float64)).exp().item(),
+                              0, 2 * math.pi, points=[math.atan2(-0.8, 0.6) % (2 * math.pi)], limit=200)
+    assert total == pytest.approx(1.0, abs=1e-6)
+    sphere = family(_unit([1.0, 2.0, -2.0]), torch.tensor(kappa, dtype=torch.float64))
+    theta = torch.linspace(0, math.pi, 801, dtype=torch.float64)
+    phi = torch.linspace(0, 2 * math.pi, 801, dtype=torch.float64)
+    t, p = torch.meshgrid(theta, phi, indexing="ij")
+    z = torch.stack([t.sin() * p.cos(), t.sin() * p.sin(), t.cos()], -1)
+    density = sphere.log_prob(z).exp() * t.sin()
+    total = torch.trapezoid(torch.trapezoid(density, phi, dim=1), theta).item()
+    assert total == pytest.approx(1.0, abs=2e-3 if kappa > 10 else 1e-4)
+
+
+@pytest.mark.parametrize("d", [2, 3, 10, 40])
+def test_power_spherical_samples_follow_the_law_of_mu_t_z(d):
+    """(mu^T z + 1) / 2 ~ Beta((d - 1)/2 + kappa, (d - 1)/2), and the rest of z is uniform around mu."""
+    torch.manual_seed(d)
+    mu = _unit(torch.randn(d)).float()
+    q = PowerSpherical(mu, torch.tensor(3.0))
+    z = q.rsample((20_000,))
+    assert torch.allclose(z.norm(dim=-1), torch.ones(20_000), atol=1e-5)
+    t = (z @ mu).double().numpy()
+    assert stats.kstest((t + 1) / 2, stats.beta((d - 1) / 2 + 3.0, (d - 1) / 2).cdf).pvalue > 1e-3
+    assert torch.allclose(z.mean(0), q.mean, atol=0.03)
+
+
+@pytest.mark.parametrize("d,kappa", [(3, 1.0), (5, 10.0), (40, 50.0)])
+def test_von_mises_fisher_samples_follow_the_law_of_mu_t_z(d, kappa):
+    """mu^T z has density proportional to exp(kappa t) (1 - t^2)^((d - 3)/2) on [-1, 1]."""
+    torch.manual_seed(1)
+    mu = _unit(torch.randn(d))
+    q = VonMisesFisher(mu, torch.tensor(kappa, dtype=torch.float64))
+    t = (q.sample((20_000,)) @ mu).numpy()
+
+    def pdf(s):
+        return np.exp(kappa * (s - 1)) * (1 - s * s) ** ((d - 3) / 2)
+
+    norm = integrate.quad(pdf, -1, 1, limit=200)[0]
+    grid = np.linspace(-1, 1, 4001)
+    cdf = np.concatenate([[0], np.cumsum((pdf(grid[1:]) + pdf(grid[:-1])) / 2 * np.diff(grid))]) / norm
+    assert stats.kstest(t, lambda s: np.interp(s, grid, cdf)).pvalue > 1e-3
+    assert torch.allclose(q.mean, torch.as_tensor(t.mean()) * mu, atol=0.01)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kl_to_the_uniform_matches_monte_carlo(family):
+    torch.manual_seed(0)
+    q = family(_unit([1.0, 0.0, 2.0, -1.0, 0.5]), torch.tensor(6.0, dtype=torch.float64))
+    u = UniformSphereDistribution(5)
+    z = q.sample((100_000,))
+    mc = (q.log_prob(z) - u.log_prob(z).double()).mean().item()
+    assert torch.distributions.kl_divergence(q, u).item() == pytest.approx(mc, abs=0.02)
+
+
+def test_reparameterised_gradients_match_finite_differences():
+    """d/dkappa and d/dmu of E[f(z)], z ~ PS(mu, kappa), by autograd through rsample against central
+    differences with common random numbers."""
+    a = _unit([0.3, -1.0, 0.5, 2.0])
+
+    def expectation(mu, kappa, seed=0):
+        torch.manual_seed(seed)
+        z = PowerSpherical(mu / mu.norm(), kappa).rsample((200_000,))
+        return (z @ a).pow(2).mean() + z[..., 0].mean()
+
+    mu = _unit([1.0, 1.0, 0.0, 0.0]).requires_grad_()
+    kappa = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    grad_mu, grad_kappa = torch.autograd.grad(expectation(mu, kappa), (mu, kappa))
+    h = 1e-4
+    with torch.no_grad():
+        fd_kappa = (expectation(mu, kappa + h) - expectation(mu, kappa - h)) / (2 * h)
+        e = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+        fd_mu = (expectation(mu + h * e, kappa) - expectation(mu - h * e, kappa)) / (2 * h)
+    assert grad_kappa.item() == pytest.approx(fd_kappa.item(), rel=0.05, abs=2e-3)
+    assert grad_mu[2].item() == pytest.approx(fd_mu.item(), rel=0.05, abs=2e-3)
+
+
+def test_the_package_of_the_authors_agrees():
+    power_spherical = pytest.importorskip("power_spherical")
+    mu, kappa = _unit([0.2, -0.4, 1.0]).float(), torch.tensor([0.5, 7.0])
+    ours = PowerSpherical(mu, kappa)
+    theirs = power_spherical.PowerSpherical(mu.expand(2, 3), kappa)
+    z = ours.rsample((11,))
+    assert torch.allclose(ours.log_prob(z), theirs.log_prob(z), atol=1e-4)
+    assert torch.allclose(ours.entropy(), theirs.entropy(), atol=1e-4)
+
+
+def test_batched_parameters_broadcast():
+    d = 6
+    mu = torch.nn.functional.normalize(torch.randn(3, 1, d), dim=-1)
+    kappa = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    for family in FAMILIES:
+        q = family(mu, kappa)
+        assert q.batch_shape == (3, 4) and q.event_shape == (d,)
+        z = q.sample((5,))
+        assert z.shape == (5, 3, 4, d) and q.log_prob(z).shape == (5, 3, 4)
+        assert q.expand((2, 3, 4)).log_prob(z[:, None]).shape == (5, 2, 3, 4)
+
+
+def test_bad_parameters_are_clear_errors(digits, tmp_path):
+    with pytest.raises(ValueError, match="concentration"):
+        PowerSpherical(_unit([1.0, 0.0]), torch.tensor(-1.0), validate_args=True)
+    with pytest.raises(ValueError, match="loc"):
+        VonMisesFisher(torch.tensor([1.0, 1.0]), torch.tensor(1.0), validate_args=True)
+    with pytest.raises(PyroVAEError, match="d >= 2"):
+        PowerSpherical(torch.tensor([1.0]), torch.tensor(1.0))
+    for overrides, words in ((dict(prior="power-spherical", latent_dim=1), "latent_dim >= 2"),
+                             (dict(prior="vmf", prior_concentration=-2.0), "prior_concentration must be > 0"),
+                             (dict(prior="sphere", latent_dim=6, guide="projected-normal"), "latent_dim 2, 3 or 4")):
+        with pytest.raises(PyroVAEError, match=words):
+            train(tiny_config(**overrides), tmp_path / "r", data=digits, progress=False)
+        assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------- NUTS on the sphere
+
+
+def test_nuts_on_the_sphere_matches_the_exact_von_mises_fisher_posterior():
+    """Uniform prior on S^2, x | z ~ N(z, I): log p(x | z) = x^T z + const on the sphere, so the posterior
+    is vMF(x / |x|, |x|) and log p(x) is known in closed form."""
+    d = 3
+    vae = VAE(UniformSphere(d), AmortizedGuide(nn.Linear(d, d + 1), PowerSphericalFamily(d)), nn.Identity(),
+              IdentityGaussian(1.0, d), d, (1, d)).double()
+    x = torch.tensor([[2.0, 1.0, 0.5], [-0.5, 0.0, 1.0]], dtype=torch.float64)
+    torch.manual_seed(0)
+    analysis = analyze(vae, x, num_chains=2, num_draws=600, warmup=300, num_particles=4000, optimise=False,
+                       progress=False)
+    z = torch.as_tensor(analysis.idata.posterior["z"].sel(inference="nuts").values).reshape(-1, 2, d)
+    assert torch.allclose(z.norm(dim=-1), torch.ones((), dtype=z.dtype), atol=1e-6)
+    for n in range(2):
+        kappa = x[n].norm()
+        exact = VonMisesFisher(x[n] / kappa, kappa)
+        t = (z[:, n] @ exact.loc).numpy()
+        assert t.mean() == pytest.approx((exact.mean @ exact.loc).item(), abs=0.05)
+        log_px = (-0.5 * d * math.log(2 * math.pi) - 0.5 * (kappa ** 2 + 1) - exact.log_normalizer()
+                  - log_sphere_area(d)).item()
+        assert analysis.gaps["per_obs"][n]["log_px"] == pytest.approx(log_px, abs=0.02)
+
+
+# --------------------------------------------------------------------------- sphere latents through the toolkit
+
+
+@pytest.mark.parametrize("prior,objective", [("sphere", "analytic"), ("power-spherical", "trace"),
+                                             ("vmf", "trace")])
+def test_sphere_latents_train_and_evaluate_at_any_d(prior, objective, digits, tmp_path):
+    run = train(tiny_config(prior=prior, latent_dim=7, objective=objective, epochs=3), tmp_path / "r", data=digits,
+                progress=False)
+    assert type(run.vae.guide_dist.family).__name__ == "PowerSphericalFamily"
+    assert run.history[-1]["valid_elbo"] > run.history[0]["valid_elbo"]
+    metrics = evaluate(run, num_particles=20, num_samples=50, progress=False)
+    assert math.isfinite(metrics["log_likelihood"][0]) and metrics["rate_closed_form"] == (prior == "sphere")
+    assert all(math.isfinite(v[0]) for v in metrics["aggregate_posterior"].values() if isinstance(v, list))
+    for name in ("latent_space", "samples", "reconstructions"):
+        assert (run.figures / f"{name}.png").is_file()
+
+
+def test_the_projected_normal_guide_stays_an_option(digits):
+    vae = build_vae(tiny_config(prior="sphere", latent_dim=3, guide="projected-normal"), digits.dim,
+                    digits.image_shape, digits.binary)
+    assert type(vae.guide_dist.family).__name__ == "ProjectedNormalFamily"
