@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/compile.py --data-root ../shared/data/binarized_mnist [--steps 200]
 
-The same VAE as benchmarks/speed.py (784-300-300-40, N(0, I), batch 100). Three training steps, each a
+The same VAE as benchmarks/speed.py (784-300-300-40, N(0, I), batch 100). Two training steps, each a
 loss with its gradients and one torch.optim.Adam step:
   python     Pyro's Trace_ELBO, uncompiled (--no-jit)
-  jit        Pyro's JitTrace_ELBO (torch.jit.trace, pyro-vae's default; deprecated in torch 2.14)
   compile    torch.compile of a function returning Trace_ELBO().differentiable_loss(model, guide, x)
+(pyro-vae's default, Pyro's JitTrace_ELBO through torch.jit.trace, is timed by speed.py's step workload
+against both of these sides' twin.)
 Printed per variant: the first call's seconds (compilation), the median step time over --steps steps after
 warm-up, the graph breaks torch._dynamo reports, and the loss on a fixed batch with fixed noise against the
 Python ELBO's (correctness). Results go to benchmarks/results/compile-cpu.json.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import pyro
 import torch
-from pyro.infer import JitTrace_ELBO, Trace_ELBO
+from pyro.infer import Trace_ELBO
 
 import pyro_vae
 
@@ -35,9 +36,6 @@ def build():
 
 def variant(name: str, vae):
     common = dict(num_particles=1, vectorize_particles=True, max_plate_nesting=1)
-    if name == "jit":
-        elbo = JitTrace_ELBO(**common, ignore_jit_warnings=True, jit_options={"check_trace": False})
-        return lambda x: elbo.differentiable_loss(vae.model, vae.guide, x)
     elbo = Trace_ELBO(**common)
     loss = lambda x: elbo.differentiable_loss(vae.model, vae.guide, x)  # noqa: E731
     return torch.compile(loss) if name == "compile" else loss
@@ -87,7 +85,7 @@ def main():
     args = parser.parse_args()
     data = pyro_vae.load_dataset("binarized-mnist", args.data_root)
     results = {}
-    for name in ("python", "jit", "compile"):
+    for name in ("python", "compile"):
         try:
             results[name] = measure(name, data, args.steps)
         except Exception as e:  # a variant that does not run is a result too

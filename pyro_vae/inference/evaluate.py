@@ -52,6 +52,11 @@ def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None,
         bar.set_postfix_str(stages[1])
         loglik = iw_log_likelihood(vae, x, num_particles=num_particles, progress=progress)
         out["log_likelihood"] = mean_and_stderr(loglik)
+        # the same bound on (at most 1000) training images: train far above test is overfitting, both low
+        # is under-fitting
+        train_x = run.split("train")[0][:TRAIN_POINTS]
+        out["train_log_likelihood"] = mean_and_stderr(iw_log_likelihood(vae, train_x, num_particles=num_particles))
+        out["num_train_points"] = len(train_x)
         out["gap_loglik_minus_elbo"] = mean_and_stderr(loglik - elbo)
         bar.update()
         bar.set_postfix_str(stages[2])
@@ -78,6 +83,9 @@ def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None,
         run.files.write_metrics(out, loglik.cpu().numpy())
     return out
 
+
+TRAIN_POINTS = 1000
+"""Training images whose log p(x) evaluate measures beside the test images'."""
 
 AGGREGATE_POINTS = 2000
 """Test points of the aggregate posterior q(z) = (1/N) sum_n q(z | x_n) (its I(x;z) is at most log N)."""
@@ -161,6 +169,8 @@ def format_table(metrics: dict) -> str:
         ("test points", f"{metrics['num_test_points']:10d}"),
         ("ELBO (nats)", pm(metrics["elbo"])),
         (f"log p(x), K={metrics['num_particles']}", pm(metrics["log_likelihood"])),
+        *([(f"  on {metrics['num_train_points']} training images", pm(metrics["train_log_likelihood"]))]
+          if "train_log_likelihood" in metrics else []),
         ("log p(x) - ELBO", pm(metrics["gap_loglik_minus_elbo"])),
         ("rate KL(q(z|x)||p(z))" + ("" if metrics["rate_closed_form"] else " [MC]"), pm(metrics["rate"])),
         ("distortion -E log p(x|z)", pm(metrics["distortion"])),

@@ -27,6 +27,7 @@ def metric_row(out: Path, setting: Setting) -> dict:
     agg = m["aggregate_posterior"]
     row = {
         "loglik": m["log_likelihood"][0], "loglik_se": m["log_likelihood"][1],
+        **({"train_loglik": m["train_log_likelihood"][0]} if "train_log_likelihood" in m else {}),
         "elbo": m["elbo"][0], "rate": m["rate"][0], "distortion": m["distortion"][0],
         "active_units": m["active_units"], "mutual_information": agg["mutual_information"][0],
         "marginal_kl": agg["marginal_kl"][0], "hole_score": agg["hole_score"][0],
@@ -41,7 +42,8 @@ def metric_row(out: Path, setting: Setting) -> dict:
 
 
 COLUMNS = [  # (key, header, format)
-    ("loglik", "log p(x)", "{:.2f}"), ("paired", "vs first (paired)", None), ("elbo", "ELBO", "{:.2f}"),
+    ("loglik", "log p(x)", "{:.2f}"), ("paired", "vs first (paired)", None),
+    ("train_loglik", "log p(x) train", "{:.2f}"), ("elbo", "ELBO", "{:.2f}"),
     ("rate", "rate", "{:.2f}"), ("distortion", "distortion", "{:.2f}"), ("active_units", "active units", "{:.0f}"),
     ("mutual_information", "I(x;z)", "{:.2f}"), ("marginal_kl", "KL(q(z)‖p(z))", "{:.2f}"),
     ("hole_score", "hole score", "{:.3f}"), ("fd_prior", "FD prior samples", "{:.1f}"),
@@ -124,7 +126,8 @@ def write_report(kind: str, settings: list[Setting], out: Path, command: str = "
         f"seeds per setting: {len({s.seed for s in settings})}.",
         "",
         "Columns: test log p(x) (importance-weighted, ± standard error; with several seeds ± sd across seeds); "
-        f"the paired per-test-point difference to the first {what} (± standard error); ELBO; rate "
+        f"the paired per-test-point difference to the first {what} (± standard error); the same bound on up to "
+        "1000 training images (far above the test figure: overfitting; both low: under-fitting); ELBO; rate "
         "KL(q(z|x)‖p(z)); distortion -E log p(x|z); active units; the mutual information and marginal KL of "
         "the aggregate posterior (ELBO surgery: rate = I + marginal KL); the prior-hole score (share of prior "
         "draws where the aggregate posterior has less density than at 99% of the data's codes); Frechet "
