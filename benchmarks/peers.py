@@ -12,8 +12,8 @@ the MLP VAE 784-300-300-40 with softplus units, a one-sample ELBO with a Bernoul
 100, Adam at lr 1e-3. pythae's own parts: its ``VAE`` (log-variance head, sigmoid decoder output with
 ``reconstruction_loss="bce"``, analytic KL) trained by its ``BaseTrainer`` (its data loader, train and
 eval steps, best-model copy, logging); pyro-vae's: ``pyro_vae.train`` (compiled ELBO, validation ELBO,
-checkpoint and history each epoch). Each round trains each for --epochs epochs, alternating which goes
-first; every epoch is timed from one ``on_epoch_end`` callback to the next, the first of each training
+checkpoint and history each epoch); and, for reference, benchmarks/speed.py's plain-PyTorch twin (steps
+and validation ELBO). Each round trains each for --epochs epochs, alternating the order; every epoch is timed from one ``on_epoch_end`` callback to the next, the first of each training
 (set-up, compilation) dropped. Printed: median seconds per epoch (training + validation) and the median
 of pyro-vae / pythae over the rounds' paired medians.
 """
@@ -99,6 +99,26 @@ def pyro_vae_epochs(data: Dataset, epochs: int) -> list[float]:
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
+def twin_epochs(data: Dataset, epochs: int) -> list[float]:
+    """Seconds per epoch of the plain-PyTorch twin of benchmarks/speed.py (steps + validation ELBO)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from speed import Twin, config, epochs_of, twin_elbo, twin_step
+
+    torch.manual_seed(0)
+    twin = Twin(pyro_vae.build_vae(config(), data.dim, data.image_shape, data.binary), "normal")
+    optim = torch.optim.Adam(twin.parameters(), lr=LR, foreach=True)
+    epoch = epochs_of(lambda xb: twin_step(twin, optim, xb), data.train)
+    times = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        epoch()
+        twin_elbo(twin, data.valid)
+        times.append(time.perf_counter() - started)
+    return times[1:]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", required=True)
@@ -111,15 +131,15 @@ def main():
     full = pyro_vae.load_dataset("binarized-mnist", args.data_root)
     data = Dataset("binarized-mnist", full.train[: args.train_images], full.valid[: args.valid_images],
                    full.test[: args.valid_images], full.image_shape, full.binary)
-    times = {"pyro-vae": [], "pythae": []}
+    times = {"pyro-vae": [], "pythae": [], "twin": []}
     for r in range(args.rounds):
         sides = [("pyro-vae", lambda: pyro_vae_epochs(data, args.epochs)),
-                 ("pythae", lambda: pythae_epochs(data.train, data.valid, args.epochs))]
+                 ("pythae", lambda: pythae_epochs(data.train, data.valid, args.epochs)),
+                 ("twin", lambda: twin_epochs(data, args.epochs))]
         for side, run in sides if r % 2 == 0 else sides[::-1]:
             torch.manual_seed(r)
             times[side].append(statistics.median(run()))
-        print(f"round {r + 1}: pyro-vae {times['pyro-vae'][-1]:.3f} s/epoch, pythae {times['pythae'][-1]:.3f} s/epoch",
-              flush=True)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s/epoch" for k, v in times.items()), flush=True)
     ratios = sorted(a / b for a, b in zip(times["pyro-vae"], times["pythae"]))
     q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
@@ -127,6 +147,7 @@ def main():
               "epochs_per_training": args.epochs, "rounds": args.rounds,
               "median_seconds_per_epoch": {k: statistics.median(v) for k, v in times.items()},
               "ratio_pyro_vae_over_pythae": statistics.median(ratios), "ratio_quartiles": [q1, q3],
+              "ratio_pyro_vae_over_twin": statistics.median(a / b for a, b in zip(times["pyro-vae"], times["twin"])),
               "all_seconds": times, "command": "benchmarks/peers.py " + " ".join(__import__("sys").argv[1:])}
     print(f"pyro-vae / pythae: {result['ratio_pyro_vae_over_pythae']:.3f} (quartiles {q1:.3f}-{q3:.3f})")
     out = Path(__file__).parent / "results" / "peers-cpu.json"

@@ -500,3 +500,17 @@ def test_cli_analyze_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "nope"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_trace_and_rank_plots_show_every_analysed_point(lg_analysis, tmp_path):
+    """Three analysed images, three in each figure (the figures said nothing when they showed two)."""
+    import matplotlib.pyplot as plt
+
+    from pyro_vae.inference.analysis_plots import _selection, plot_rank, plot_trace
+
+    _, _, analysis = lg_analysis
+    assert _selection(analysis.idata, 6, 3)["obs"] == [5, 9, 11]
+    plot_trace(analysis.idata, tmp_path / "trace.png")
+    plot_rank(analysis.idata, tmp_path / "rank.png")
+    assert (tmp_path / "trace.png").stat().st_size > 5000 and (tmp_path / "rank.png").stat().st_size > 5000
+    plt.close("all")
