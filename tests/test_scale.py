@@ -113,3 +113,20 @@ def test_fabric_two_processes_train_as_one_on_the_same_global_batches(digits, tm
     last = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["model"]
     for (name, a), b in zip(_reference(more, digits, epochs=2).state_dict().items(), last.values()):
         assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_train_devices_from_the_command_line(tmp_path):
+    """pyro-vae train --devices 2: Fabric's launcher runs the same command again for rank 1; rank 0 alone
+    writes the run and prints it."""
+    pytest.importorskip("lightning_fabric")
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "pyro_vae.cli", "train", "--devices", "2", "--epochs", "1",
+                           "--hidden-dim", "16", "--hidden-layers", "1", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("run directory:") == 1 and "2 processes" in proc.stdout
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["devices"] == 2 and not info["compiled"]
