@@ -290,7 +290,7 @@ def _train_distributed(args: argparse.Namespace, config: Config | None) -> int:
     from .run_dir import RunFiles
 
     out = args.resume if config is None else args.out
-    if config is None:
+    if config is None:  # --resume: the run's own config, checked as untrusted input
         config = RunFiles(args.resume).read_config()
         if getattr(args, "epochs", None) is not None:
             config = dc.replace(config, epochs=args.epochs)
@@ -299,8 +299,8 @@ def _train_distributed(args: argparse.Namespace, config: Config | None) -> int:
 
         out = default_run_path(config)
     run = train_distributed(config, out, devices=args.devices, num_nodes=args.num_nodes,
-                            accelerator=args.accelerator or config.device, resume=config is not None and
-                            args.resume is not None, progress=not args.quiet)
+                            accelerator=args.accelerator or config.device, resume=args.resume is not None,
+                            trust=args.trust_prior, progress=not args.quiet)
     if run is not None:
         print(f"run directory: {run.path}\n  epochs: {run.info['epochs_completed']}  test ELBO: "
               f"{run.info['test_elbo']:.3f} nats  ({args.devices * args.num_nodes} processes, {run.info['elbo']})")

@@ -149,6 +149,9 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise PyroVAEError(f"{f.name} must be a finite number, got {value}")
+        for key, value in self.prior_args.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise PyroVAEError(f"prior_args {key} must be a finite number, got {value}")
         for name in ("lr", "prior_scale", "prior_df", "prior_concentration", "prior_temperature"):
             if not getattr(self, name) > 0:
                 raise PyroVAEError(f"{name} must be > 0, got {getattr(self, name)}")

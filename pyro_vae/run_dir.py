@@ -234,47 +234,63 @@ class RunFiles:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def being_trained(self) -> bool:
-        """Whether a process holds the training lock now."""
+    def being_trained(self) -> bool | None:
+        """Whether a process holds the training lock now (None where that cannot be told, e.g. a
+        read-only directory or a filesystem without locks)."""
         if not (self.path / LOCK).is_file():
             return False
         try:
-            fd = os.open(self.path / LOCK, os.O_RDONLY)
+            fd = os.open(self.path / LOCK, os.O_RDWR)
         except OSError:
-            return False
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(fd, fcntl.LOCK_UN)
             return False
         except BlockingIOError:
             return True
+        except OSError:
+            return None
         finally:
             os.close(fd)
 
-    def clean_temporary(self) -> list[Path]:
-        """Remove the temporary files (``.NAME.*.tmp``) a killed writer left behind, unless a training
-        holds the lock (then they may be files being written); returns what was removed."""
-        if not self.path.is_dir() or self.being_trained():
+    def clean_temporary(self, max_age: float = 3600.0) -> list[Path]:
+        """Remove the temporary files (``.NAME.*.tmp``) a killed writer left behind: those of the training's
+        own files (config, run.json, history, weights, checkpoint) when no training holds the lock, and
+        any older than ``max_age`` seconds (a reader such as ``sample`` or ``evaluate`` may be writing the
+        others right now). Nothing while a training holds the lock, or where that cannot be told."""
+        if not self.path.is_dir() or self.being_trained() is not False:
             return []
+        import time
+
+        own = {CONFIG, INFO, HISTORY, WEIGHTS, CHECKPOINT}
         removed = []
         for folder in (self.path, self.path / FIGURES):
             for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp)
+                training_file = folder == self.path and any(tmp.name.startswith(f".{name}.") for name in own)
+                try:
+                    old = time.time() - tmp.stat().st_mtime > max_age
+                except OSError:
+                    continue
+                if training_file or old:
+                    tmp.unlink(missing_ok=True)
+                    removed.append(tmp)
         return removed
 
     def unfinished_start(self) -> bool:
         """Whether the directory holds only a run that never finished an epoch (so it may start again):
-        no checkpoint, no weights, nothing but its own config, status and temporary files."""
+        no checkpoint, no weights, nothing but its own config, status, tracking and temporary files."""
         if not self.path.is_dir() or self.has_checkpoint() or (self.path / WEIGHTS).exists():
             return False
-        own = {CONFIG, INFO, HISTORY, LOCK}
+        own = {CONFIG, INFO, HISTORY, LOCK, "metrics.csv", "tensorboard", "mlruns"}
         return all(p.name in own or (p.name.startswith(".") and p.name.endswith(".tmp")) for p in self.path.iterdir())
 
     def clear_unfinished_start(self) -> None:
+        import shutil
+
         for p in self.path.iterdir():
             if p.name != LOCK:
-                p.unlink()
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def read_metrics(self) -> dict:
         return read_json(self.path / METRICS)
@@ -344,7 +360,7 @@ class Run:
         if status == "finished":
             return None
         best = self.info.get("best_epoch")
-        what = "being trained right now" if self.files.being_trained() else f"marked {status!r}"
+        what = "being trained right now" if self.files.being_trained() is True else f"marked {status!r}"
         if status == "running" and what != "being trained right now":
             what += " (its training was killed, or is running elsewhere)"
         return f"{self.path} is {what}: these are the best weights so far (epoch {best}), not a finished run's"

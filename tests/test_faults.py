@@ -319,12 +319,15 @@ def test_a_study_killed_mid_evaluation_starts_again(tmp_path):
 
 def test_leftover_temporary_files_are_cleaned_and_a_running_run_says_so(run_copy, capsys):
     (run_copy / ".model.pt.xyz.tmp").write_bytes(b"half")
-    (run_copy / "figures" / ".samples.png.q.tmp").write_bytes(b"half")
+    stale_figure = run_copy / "figures" / ".samples.png.q.tmp"  # a reader's: removed once it is an hour old
+    stale_figure.write_bytes(b"half")
+    __import__("os").utime(stale_figure, (0, 0))
+    (run_copy / "figures" / ".fresh.png.r.tmp").write_bytes(b"being written by a sample command")
     _edit_json(run_copy / "run.json", status="running")
     assert main(["evaluate", str(run_copy), "--k", "2", "--samples", "4", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "marked 'running'" in err and "best weights so far" in err
-    assert not list(run_copy.rglob(".*.tmp"))
+    assert [p.name for p in run_copy.rglob(".*.tmp")] == [".fresh.png.r.tmp"]
 
 
 def test_a_run_being_trained_is_not_trained_twice(run_copy):
@@ -385,3 +388,32 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
     assert info["status"] == "interrupted" and info["epochs_completed"] >= 1
     assert f"the checkpoint of epoch" in err and "--resume" in err
     assert main(["train", "--resume", str(out), "--epochs", str(info["epochs_completed"] + 1), "--quiet"]) == 0
+
+
+def test_resuming_with_the_prior_object_imports_nothing(tmp_path, monkeypatch, digits):
+    """resume(prior=obj): the run continues and finishes with the object, never importing the module its
+    config.json names."""
+    import sys
+
+    marker = tmp_path / "marker"
+    (tmp_path / "marked_prior.py").write_text(
+        EVIL.format(marker=str(marker)) + "import torch, pyro.distributions as dist\n"
+        "def cauchy(latent_dim):\n    return dist.Cauchy(torch.zeros(latent_dim), 1.0).to_event(1)\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--prior", "marked_prior:cauchy", "--epochs", "1", "--hidden-dim", "16", "--hidden-layers",
+                 "1", "--out", "run", "--quiet"]) == 0
+    prior = sys.modules["marked_prior"].cauchy
+    marker.unlink()
+    monkeypatch.delitem(sys.modules, "marked_prior")
+    with pytest.raises(PyroVAEError, match="finished 1 epochs; to train it on, pass --epochs above 1"):
+        resume(tmp_path / "run", data=digits, prior=prior, progress=False)
+    run = resume(tmp_path / "run", data=digits, prior=prior, epochs=2, progress=False)
+    assert run.info["status"] == "finished" and not marker.exists() and "marked_prior" not in sys.modules
+    # the same for data-parallel training: a resumed run's module is not imported unasked
+    from pyro_vae.inference.distributed import train_distributed
+    from pyro_vae.run_dir import RunFiles
+
+    with pytest.raises(PyroVAEError, match="--trust-prior"):
+        train_distributed(RunFiles(tmp_path / "run").read_config(), tmp_path / "run", devices=2, resume=True,
+                          data=digits, progress=False)
+    assert not marker.exists()

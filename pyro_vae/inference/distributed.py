@@ -34,6 +34,7 @@ from torch import nn
 from ..config import Config
 from ..data import Dataset, load_dataset
 from ..errors import PyroVAEError, RunInterrupted, TrainingDiverged
+from ..outputs import check_output_dir
 from ..run_dir import Checkpoint, RunFiles
 from .objectives import KLWeight, kl_weighted, make_elbo
 
@@ -71,116 +72,151 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def train_distributed(config: Config, out, *, devices: int, num_nodes: int = 1, accelerator: str = "cpu",
-                      strategy: str = "ddp", data: Dataset | None = None, resume: bool = False,
+                      strategy: str = "ddp", data: Dataset | None = None, resume: bool = False, trust: bool = False,
                       progress: bool = True):
     """Train ``config`` data-parallel on ``devices`` x ``num_nodes`` processes; see the module docstring.
-    Returns rank 0's run (other ranks return None)."""
+    ``resume``: continue the run in ``out`` (its config.json's prior is imported only with ``trust``).
+    Returns the run in the process that launched the others (or rank 0's under torchrun/SLURM), else None."""
     try:
         from lightning_fabric import Fabric
     except ImportError:
         raise PyroVAEError("--devices > 1 needs Lightning Fabric: pip install 'pyro-vae[scale]'") from None
     if devices < 1 or num_nodes < 1:
         raise PyroVAEError("--devices and --num-nodes must be >= 1")
-    if config.prior_init == "data" or config.prior in ("mog-enum",):
-        raise PyroVAEError(f"--devices > 1 does not support --prior {config.prior} / --prior-init data yet")
+    unsupported = [what for what, bad in (
+        (f"--prior {config.prior}", config.prior == "mog-enum"), ("--prior-init data", config.prior_init == "data"),
+        (f"--lr-schedule {config.lr_schedule}", config.lr_schedule != "constant"),
+        (f"--optimizer {config.optimizer}", config.optimizer != "adam"),
+        (f"--beta {config.beta:g} (selection by the beta-ELBO)", config.beta != 1.0)) if bad]
+    if unsupported:
+        raise PyroVAEError(f"--devices > 1 does not support {', '.join(unsupported)} yet: train on one device")
     config.validate()
+    check_output_dir(out, "--out")
     if data is None:
         data = load_dataset(config.dataset, config.data_root, download=config.download)
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
+    trusted = trust or not resume  # a new run's config is the caller's; a resumed run's comes from its file
+    if not trusted and ":" in config.prior and config.prior != "<object>":
+        from ..models.user_priors import UntrustedPrior
+
+        raise PyroVAEError(f"{out} was trained with a prior of its own: {UntrustedPrior(config.prior)}")
     if strategy == "ddp_spawn":
-        path = fabric.launch(_worker, config, str(out), data, resume, progress)
+        path = fabric.launch(_worker, config, str(out), data, resume, trusted, progress)
     else:
         fabric.launch()
-        path = _worker(fabric, config, str(out), data, resume, progress)
+        path = _worker(fabric, config, str(out), data, resume, trusted, progress)
     if path is None:
         return None
     from ..run_dir import load_run
 
-    return load_run(path, trust=True, data=data)  # the run this process trained
+    return load_run(path, trust=trusted, data=data)  # the run these processes trained
 
 
-def _worker(fabric, config: Config, out: str, data: Dataset, resume: bool, progress: bool):
+def _worker(fabric, config: Config, out: str, data: Dataset, resume: bool, trusted: bool, progress: bool):
+    from contextlib import ExitStack
+
     from ..models.vae import build_vae
 
     rank, world = fabric.global_rank, fabric.world_size
     files = RunFiles(out)
-    torch.manual_seed(config.seed)
-    pyro.set_rng_seed(config.seed)
-    vae = build_vae(config, data.dim, data.image_shape, data.binary)
-    checkpoint = _start_or_restore(fabric, files, config, data, resume, world)
-    if checkpoint is not None:
-        vae.load_state_dict(checkpoint.model)
-    weight = KLWeight(config.beta, config.warmup_epochs)
-    loss = ELBOLoss(vae, config, weight, scale=float(world))
-    optim = torch.optim.Adam(vae.parameters(), lr=config.lr)
-    loss, optim = fabric.setup(loss, optim)
-    weight.tensor = weight.tensor.to(fabric.device)
-    if loss.extra:
-        loss.extra = (weight.tensor,)
-    state = {"history": [], "epoch": 0, "best": -math.inf, "best_epoch": None, "stale": 0}
-    if checkpoint is not None:
-        optim.load_state_dict(checkpoint.optim["optim"])
-        torch.set_rng_state(checkpoint.rng["ranks"][rank].clone().contiguous())
-        state.update(history=checkpoint.history, epoch=checkpoint.epoch, best=checkpoint.best,
-                     best_epoch=checkpoint.best_epoch, stale=checkpoint.stale)
-    else:
-        torch.manual_seed(config.seed + 1 + rank)  # this rank's Monte Carlo stream
-    info = files.read_info() if rank == 0 else {}
-    try:
-        _loop(fabric, vae, loss, optim, weight, config, data, files, info, state, progress)
-    except KeyboardInterrupt:
-        if rank == 0:
-            files.set_status(info, "interrupted")
-        raise RunInterrupted(f"interrupted; continue with pyro-vae train --resume {out} --devices {world}") from None
-    except TrainingDiverged:
-        if rank == 0:
-            files.set_status(info, "diverged")
-        raise
-    except BaseException as e:
-        if rank == 0:
-            files.set_status(info, "failed", error=f"{type(e).__name__}: {e}"[:500])
-        raise
-    fabric.barrier()
-    if rank != 0:
+    with ExitStack() as stack:
+        checkpoint = _start_or_restore(fabric, files, config, data, resume, world, stack)
+        info = files.read_info() if rank == 0 else {}
+        try:
+            torch.manual_seed(config.seed)
+            pyro.set_rng_seed(config.seed)
+            vae = build_vae(config, data.dim, data.image_shape, data.binary, trust_prior=trusted)
+            if checkpoint is not None:
+                vae.load_state_dict(checkpoint.model)
+            weight = KLWeight(config.beta, config.warmup_epochs)
+            loss = ELBOLoss(vae, config, weight, scale=float(world))
+            optim = torch.optim.Adam(vae.parameters(), lr=config.lr)
+            loss, optim = fabric.setup(loss, optim)
+            weight.tensor = weight.tensor.to(fabric.device)
+            if loss.extra:
+                loss.extra = (weight.tensor,)
+            state = {"history": [], "epoch": 0, "best": -math.inf, "best_epoch": None, "stale": 0}
+            if checkpoint is not None:
+                optim.load_state_dict(checkpoint.optim["optim"])
+                torch.set_rng_state(checkpoint.rng["ranks"][rank].clone().contiguous())
+                if fabric.device.type == "cuda" and checkpoint.rng.get("cuda_ranks"):
+                    torch.cuda.set_rng_state(checkpoint.rng["cuda_ranks"][rank].clone().contiguous(), fabric.device)
+                state.update(history=checkpoint.history, epoch=checkpoint.epoch, best=checkpoint.best,
+                             best_epoch=checkpoint.best_epoch, stale=checkpoint.stale)
+            else:
+                torch.manual_seed(config.seed + 1 + rank)  # this rank's Monte Carlo stream (CPU and GPU)
+            _loop(fabric, vae, loss, optim, weight, config, data, files, info, state, progress)
+            fabric.barrier()
+            if rank != 0:
+                return None
+            from .train import _finish
+
+            _finish(vae.to(fabric.device), config, data, files, info,
+                    data.as_seen("test", config.binarize)[0].to(fabric.device), info.get("stopped_early", False))
+            return str(files.path)  # a path, not the model: spawned processes hand back plain values
+        except KeyboardInterrupt:
+            if rank == 0:
+                files.set_status(info, "interrupted")
+            raise RunInterrupted(f"interrupted; continue with pyro-vae train --resume {out} --devices {world}") \
+                from None
+        except TrainingDiverged:
+            if rank == 0:
+                files.set_status(info, "diverged")
+            raise
+        except BaseException as e:
+            if rank == 0:
+                files.set_status(info, "failed", error=f"{type(e).__name__}: {e}"[:500])
+            raise
+
+
+def _start_or_restore(fabric, files: RunFiles, config: Config, data: Dataset, resume: bool, world: int, stack):
+    """Rank 0 checks the directory, takes the training lock and writes a new run's config.json and
+    run.json; its verdict reaches every rank (all raise together, none waits for a rank that stopped).
+    A resumed run's checkpoint is then read by every rank."""
+    problem = None
+    if fabric.global_rank == 0:
+        try:
+            _rank0_start(files, config, data, resume, world, stack)
+        except PyroVAEError as e:
+            problem = str(e)
+    problem = fabric.broadcast(problem, src=0)
+    if problem:
+        raise PyroVAEError(problem)
+    if not resume:
         return None
-    from .train import _finish
+    checkpoint = files.load_checkpoint("cpu")
+    ranks = checkpoint.rng.get("ranks") if isinstance(checkpoint.rng, dict) else None
+    if not ranks or len(ranks) != world:  # the same on every rank: all raise
+        raise PyroVAEError(f"{files.path} was trained on {len(ranks) if ranks else 1} process(es); resume it "
+                           f"with the same --devices x --num-nodes (not {world})")
+    return checkpoint
 
-    _finish(vae.to(fabric.device), config, data, files, info,
-            data.as_seen("test", config.binarize)[0].to(fabric.device), info.get("stopped_early", False))
-    return str(files.path)  # a path, not the model: spawned processes hand back plain values
 
+def _rank0_start(files: RunFiles, config: Config, data: Dataset, resume: bool, world: int, stack) -> None:
+    import platform
 
-def _start_or_restore(fabric, files: RunFiles, config: Config, data: Dataset, resume: bool, world: int):
-    """Rank 0 writes a new run's config.json and run.json, or reads a resumed run's checkpoint (which
-    every rank then reads)."""
-    checkpoint = None
+    out = files.path
     if resume:
         if not files.has_checkpoint():
-            raise PyroVAEError(f"{files.path} holds no checkpoint to resume")
-        checkpoint = files.load_checkpoint("cpu")
-        ranks = checkpoint.rng.get("ranks") if isinstance(checkpoint.rng, dict) else None
-        if not ranks or len(ranks) != world:
-            raise PyroVAEError(f"{files.path} was trained on {len(ranks) if ranks else 1} process(es); resume it "
-                               f"with the same --devices x --num-nodes (not {world})")
-    elif fabric.global_rank == 0:
-        out = files.path
-        if out.exists() and any(out.iterdir()):
-            raise PyroVAEError(f"{out} already exists and is not empty")
-        out.mkdir(parents=True, exist_ok=True)
-        files.write_config(config)
-        import platform
+            raise PyroVAEError(f"{out} holds no checkpoint to resume")
+        stack.enter_context(files.training_lock())
+        return
+    if out.exists() and any(out.iterdir()):
+        raise PyroVAEError(f"{out} already exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    stack.enter_context(files.training_lock())
+    files.write_config(config)
+    files.set_status({
+        "data": {"name": data.name, "dim": data.dim, "image_shape": list(data.image_shape), "binary": data.binary,
+                 "n_train": len(data.train), "n_valid": len(data.valid), "n_test": len(data.test)},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "pyro": pyro.__version__},
+        "elbo": type(make_elbo(config.objective, config.num_particles)).__name__, "compiled": False,
+        "not_compiled_because": f"data-parallel training on {world} processes runs Pyro's Python ELBO",
+        "optimizer": "torch.optim.Adam", "devices": world}, "running")
 
-        files.set_status({
-            "data": {"name": data.name, "dim": data.dim, "image_shape": list(data.image_shape),
-                     "binary": data.binary, "n_train": len(data.train), "n_valid": len(data.valid),
-                     "n_test": len(data.test)},
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "pyro": pyro.__version__},
-            "elbo": type(make_elbo(config.objective, config.num_particles)).__name__, "compiled": False,
-            "not_compiled_because": f"data-parallel training on {world} processes runs Pyro's Python ELBO",
-            "optimizer": "torch.optim.Adam", "devices": world}, "running")
-    fabric.barrier()
-    return checkpoint
+
+CONTINUE, STOP, FAILED, DIVERGED = 0, 1, 2, 3
 
 
 def _loop(fabric, vae, loss, optim, weight, config: Config, data: Dataset, files: RunFiles, info: dict, state: dict,
@@ -210,19 +246,35 @@ def _loop(fabric, vae, loss, optim, weight, config: Config, data: Dataset, files
             optim.zero_grad(set_to_none=True)
             total += value.detach() / world
         total = fabric.all_reduce(total, reduce_op="sum")
-        if not math.isfinite(total.item()):
+        if not math.isfinite(total.item()):  # the same sum on every rank: all raise
             raise TrainingDiverged(f"the loss became {total.item()} at epoch {epoch + 1}; training stopped")
-        rngs = fabric.all_gather(torch.get_rng_state())  # every rank's stream, for the checkpoint
-        stop = torch.zeros((), device=device)
-        if rank == 0:
-            record = {"epoch": epoch + 1, "train_loss": total.item() / n, "beta": weight.value,
-                      "valid_elbo": evaluate_elbo(vae, valid_x, seed=config.seed + EVAL_SEED_OFFSET),
-                      "lr": config.lr, "seconds": time.perf_counter() - started}
-            stop += _save_epoch(vae, optim, config, files, info, state, record, rngs)
-            if progress:
-                print(f"epoch {epoch + 1}/{config.epochs}: validation ELBO {record['valid_elbo']:.3f} "
-                      f"(best {state['best']:.3f}), {world} processes", flush=True)
-        if fabric.broadcast(stop, src=0).item():
+        rngs = {"ranks": fabric.all_gather(torch.get_rng_state().to(device))}  # every rank's stream, for the checkpoint
+        if device.type == "cuda":
+            rngs["cuda_ranks"] = fabric.all_gather(torch.cuda.get_rng_state(device).to(device))
+        verdict, error = torch.tensor(CONTINUE, device=device), None
+        if rank == 0:  # rank 0 alone validates and writes; whatever happens, every rank hears the verdict
+            try:
+                record = {"epoch": epoch + 1, "train_loss": total.item() / n, "beta": weight.value,
+                          "valid_elbo": evaluate_elbo(vae, valid_x, seed=config.seed + EVAL_SEED_OFFSET),
+                          "lr": config.lr, "seconds": time.perf_counter() - started}
+                if not math.isfinite(record["valid_elbo"]):
+                    raise TrainingDiverged(f"the validation ELBO became {record['valid_elbo']} at epoch {epoch + 1}")
+                verdict.fill_(STOP if _save_epoch(vae, optim, config, files, info, state, record, rngs) else CONTINUE)
+                if progress:
+                    print(f"epoch {epoch + 1}/{config.epochs}: validation ELBO {record['valid_elbo']:.3f} "
+                          f"(best {state['best']:.3f}), {world} processes", flush=True)
+            except TrainingDiverged as e:
+                verdict.fill_(DIVERGED)
+                error = e
+            except Exception as e:
+                verdict.fill_(FAILED)
+                error = e
+        verdict = int(fabric.broadcast(verdict, src=0).item())
+        if verdict == DIVERGED:
+            raise error or TrainingDiverged(f"rank 0 found the validation ELBO not finite at epoch {epoch + 1}")
+        if verdict == FAILED:
+            raise error or RuntimeError(f"rank 0 failed at the end of epoch {epoch + 1}")
+        if verdict == STOP:
             info["stopped_early"] = True
             break
 
@@ -237,9 +289,10 @@ def _save_epoch(vae, optim, config: Config, files: RunFiles, info: dict, state: 
     elif epoch > config.warmup_epochs:
         state["stale"] += 1
     files.write_history(state["history"])
-    ranks = [r.cpu().clone().contiguous() for r in (rngs if rngs.dim() > 1 else rngs[None])]  # own storage each
+    rng = {key: [r.cpu().clone().contiguous() for r in (value if value.dim() > 1 else value[None])]  # own storage
+           for key, value in rngs.items()}
     files.save_checkpoint(Checkpoint(model=vae.state_dict(), optim={"optim": optim.state_dict(), "schedule": None},
-                                     rng={"cpu": ranks[0], "cuda": None, "ranks": ranks}, epoch=epoch,
+                                     rng={"cpu": rng["ranks"][0], "cuda": None, **rng}, epoch=epoch,
                                      history=state["history"], best=state["best"], best_epoch=state["best_epoch"],
                                      stale=state["stale"]))
     files.set_status(info, "running", epochs_completed=epoch, best_epoch=state["best_epoch"],

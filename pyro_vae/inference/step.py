@@ -66,6 +66,7 @@ class TrainingStep:
         self.clip = config.clip_norm
         self.normalise = config.optimizer == "adam-normgrad"
         self.schedule = make_schedule(config, self.optim)
+        self.epochs = config.epochs
 
     def loss_and_grads(self, x: torch.Tensor) -> float:
         """The loss (minus the ELBO, summed over the batch) with its gradients accumulated into .grad."""
@@ -105,6 +106,8 @@ class TrainingStep:
         self.optim.load_state_dict(state["optim"])
         if self.schedule is not None and state.get("schedule") is not None:
             self.schedule.load_state_dict(state["schedule"])
+            if isinstance(self.schedule, torch.optim.lr_scheduler.CosineAnnealingLR):
+                self.schedule.T_max = self.epochs  # a run given more epochs anneals over its new length
 
     def compile(self, batches: list[torch.Tensor], seed: int, binarize: bool = False) -> None:
         """Run a compiled ELBO on each batch shape of an epoch before training: it is traced (and the

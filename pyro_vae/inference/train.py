@@ -143,8 +143,10 @@ def resume(path: str | os.PathLike, *, data: Dataset | None = None, prior=None, 
             return _start(vae, config, data, files, progress, on_epoch_end)
         checkpoint = files.load_checkpoint(vae.device)
         vae.load_state_dict(checkpoint.model)
-        if checkpoint.epoch >= config.epochs and info.get("status") == "finished":
-            raise PyroVAEError(f"{files.path} already finished {checkpoint.epoch} epochs; pass more epochs to go on")
+        if info.get("status") == "finished" and (epochs is None or config.epochs <= checkpoint.epoch):
+            how = (f"stopped early at epoch {checkpoint.epoch}" if info.get("stopped_early")
+                   else f"finished {checkpoint.epoch} epochs")
+            raise PyroVAEError(f"{files.path} {how}; to train it on, pass --epochs above {checkpoint.epoch}")
         files.write_config(config)
         return _fit(vae, config, data, files, info, checkpoint=checkpoint, progress=progress,
                     on_epoch_end=on_epoch_end)
@@ -332,8 +334,8 @@ def _finish(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict
     """Reload the best weights, measure the test ELBO, draw the figures, mark the run finished."""
     from ..plots import save_run_figures
 
-    run = load_run(files.path, prior=vae.prior if config.prior == OBJECT_PRIOR else None, device=str(vae.device),
-                   trust=True, data=data)
+    # the prior object in memory, never the name config.json records: finishing a run imports nothing
+    run = load_run(files.path, prior=vae.prior, device=str(vae.device), data=data)
     test_elbo = evaluate_elbo(run.vae, test_x, seed=config.seed + 2 * EVAL_SEED_OFFSET)
     save_run_figures(run, data, test_x)
     run.info = files.set_status(info, "finished", stopped_early=stopped_early, test_elbo=test_elbo,

@@ -67,7 +67,7 @@ class DiagonalNormalMixture(dist.TorchDistribution):
                  - scale.log().sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi))
         flat = z.reshape(-1, z.shape[-1])
         quad = (flat * flat) @ (-0.5 * precision).T + flat @ (loc * precision).T   # (n, K)
-        return (quad + const).reshape(*value.shape[:-1], -1)
+        return (quad + const).reshape(*value.shape[:-1], self.loc.shape[0])
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:

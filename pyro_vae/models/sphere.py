@@ -135,8 +135,9 @@ class _LogBesselI(torch.autograd.Function):
         xs = x.detach().cpu().double().numpy()
         ctx.save_for_backward(x)
         ctx.v = v
-        with np.errstate(divide="ignore"):
-            out = np.log(ive(v, xs)) + xs
+        scaled = ive(v, xs)
+        with np.errstate(divide="ignore"):  # where ive underflows (large v, small x): the leading term
+            out = np.where(scaled > 0, np.log(np.where(scaled > 0, scaled, 1.0)) + xs, _log_i_small(v, xs))
         return torch.as_tensor(out, dtype=x.dtype, device=x.device)
 
     @staticmethod
@@ -145,8 +146,18 @@ class _LogBesselI(torch.autograd.Function):
 
         (x,) = ctx.saved_tensors
         xs = np.maximum(x.detach().cpu().double().numpy(), 1e-12)
-        ratio = ive(ctx.v + 1, xs) / ive(ctx.v, xs) + ctx.v / xs
-        return None, grad * torch.as_tensor(ratio, dtype=x.dtype, device=x.device)
+        low, high = ive(ctx.v, xs), ive(ctx.v + 1, xs)
+        with np.errstate(divide="ignore", invalid="ignore"):  # I_{v+1}/I_v ~ x / (2 (v + 1)) where both underflow
+            ratio = np.where(low > 0, high / np.where(low > 0, low, 1.0), xs / (2 * (ctx.v + 1)))
+        return None, grad * torch.as_tensor(ratio + ctx.v / xs, dtype=x.dtype, device=x.device)
+
+
+def _log_i_small(v: float, x: np.ndarray) -> np.ndarray:
+    """log I_v(x) ~ v log(x / 2) - log Gamma(v + 1), the leading term as x / sqrt(v + 1) -> 0."""
+    from scipy.special import gammaln
+
+    with np.errstate(divide="ignore"):
+        return v * np.log(np.maximum(x, 1e-300) / 2) - gammaln(v + 1)
 
 
 def log_bessel_i(v: float, x: torch.Tensor) -> torch.Tensor:
@@ -187,10 +198,10 @@ class VonMisesFisher(_SphereDistribution):
         shape = torch.Size(sample_shape) + self.batch_shape
         kappa = self.concentration.expand(shape).double()
         d = self.dim
-        b = (-2 * kappa + torch.sqrt(4 * kappa ** 2 + (d - 1) ** 2)) / (d - 1)
+        b = (d - 1) / (2 * kappa + torch.sqrt(4 * kappa ** 2 + (d - 1) ** 2))  # no cancellation for kappa >> d
         x0 = (1 - b) / (1 + b)
         c = kappa * x0 + (d - 1) * torch.log1p(-x0 ** 2)
-        t = torch.empty(shape, dtype=torch.float64, device=kappa.device)
+        t = torch.full(shape, float("nan"), dtype=torch.float64, device=kappa.device)
         todo = torch.ones(shape, dtype=torch.bool, device=kappa.device)
         beta = torch.distributions.Beta(torch.tensor((d - 1) / 2, dtype=torch.float64, device=kappa.device),
                                         torch.tensor((d - 1) / 2, dtype=torch.float64, device=kappa.device))
@@ -203,6 +214,8 @@ class VonMisesFisher(_SphereDistribution):
             accept = todo & (kappa * w + (d - 1) * torch.log1p(-x0 * w) - c >= u.log())
             t = torch.where(accept, w, t)
             todo = todo & ~accept
+        if todo.any():  # pragma: no cover - probability below 2^-1000
+            raise RuntimeError("Wood's sampler did not accept within 1000 rounds")
         return self._rotate(t.to(self.loc.dtype), sample_shape)
 
 

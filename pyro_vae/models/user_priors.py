@@ -66,9 +66,11 @@ def prior_reference(obj) -> PriorReference:
         for p in params:
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
-            value = getattr(obj, p.name, p.default)
-            if value is p.empty or not _scalar(value):
-                return PriorReference()  # a needed argument we cannot record: the object must come again
+            if not hasattr(obj, p.name):
+                return PriorReference()  # kept under another name, or not at all: the object must come again
+            value = getattr(obj, p.name)
+            if not _scalar(value):
+                return PriorReference()
             if value != p.default:
                 args[p.name] = value
     module_file = getattr(sys.modules.get(target.__module__), "__file__", None)
@@ -101,7 +103,8 @@ def import_prior(spec: str, path: str | None = None):
         raise PyroVAEError(f"a prior of your own is named module:attribute (e.g. my_priors:cauchy), got {spec!r}")
     module_name, _, attr = spec.partition(":")
     folder = path if path and Path(path).is_dir() else os.getcwd()
-    if folder not in sys.path:
+    added = folder not in sys.path
+    if added:  # for this import only: later imports of other packages must not look in this folder first
         sys.path.insert(0, folder)
     try:
         obj = importlib.import_module(module_name)
@@ -111,6 +114,9 @@ def import_prior(spec: str, path: str | None = None):
                            f"set PYTHONPATH to its folder, or run from there") from None
     except ImportError as e:
         raise PyroVAEError(f"cannot import prior {spec!r}: {e}") from None
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
     try:
         for part in attr.split("."):
             obj = getattr(obj, part)

@@ -103,12 +103,18 @@ def run_ray(out: Path, settings: list[Setting], k: int, *, address: str | None, 
             raise PyroVAEError(f"a Ray worker cannot write to the study directory {where} ({problem}): on a cluster "
                                "it must be on a filesystem every worker shares")
         task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_task)
-        pending = [task.remote(where, s, k, cpus) for s in settings]
+        names = {}
+        for s in settings:
+            names[task.remote(where, s, k, cpus)] = s.name
+        pending = list(names)
         failures = {}
         with tqdm(total=len(pending), desc="study (ray)", unit="run", disable=not progress) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                result = ray.get(done[0])
+                try:
+                    result = ray.get(done[0])
+                except ray.exceptions.RayError as e:  # the worker died (killed, out of memory): no result came back
+                    result = {"name": names[done[0]], "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                 if result["error"]:
                     failures[result["name"]] = result["error"]
                     bar.write(f"run {result['name']} failed: {result['error']}")

@@ -12,9 +12,9 @@ from pyro.distributions import constraints
 from ..inference.evaluate import ex_post_mixture
 from ..plots import (draw_latent_space, plot_image_rows, plot_prior_parameters,  # first: it sets the Agg backend
                      save_figure)
-from ..run_dir import RunFiles, load_run
+from ..run_dir import load_run
 from ..seeding import seeded
-from .settings import Setting
+from .settings import Setting, stale_fields
 
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is set)
 
@@ -66,9 +66,7 @@ def study_figures(group: list[Setting], out: Path, figures: Path, d: int) -> dic
 def _load(out: Path, setting: Setting):
     """A setting's run; a prior of the user's own is imported when the run's config names the prior the
     setting does (the caller named it), never because a run directory alone says so."""
-    path = out / "runs" / setting.name
-    stored = RunFiles(path).read_config()
-    return load_run(path, trust=stored.prior == setting.config.prior)
+    return load_run(out / "runs" / setting.name, trust=not stale_fields(out, setting))
 
 
 def _interpolate(vae, xa: torch.Tensor, xb: torch.Tensor, steps: int = 10) -> torch.Tensor:

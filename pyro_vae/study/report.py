@@ -91,7 +91,12 @@ def table(out: Path, settings: list[Setting], latent_dim: int) -> tuple[list[str
                 if lab == labels[0]:
                     cells.append("—")
                     continue
-                diffs = np.concatenate([_paired(out, r0, r1) for r0, r1 in zip(reference, runs)])
+                by_seed = {r.seed: r for r in reference}  # pairs of the same seed only (a run may have failed)
+                pairs = [(by_seed[r.seed], r) for r in runs if r.seed in by_seed]
+                if not pairs:
+                    cells.append("—")
+                    continue
+                diffs = np.concatenate([_paired(out, r0, r1) for r0, r1 in pairs])
                 cells.append(f"{diffs.mean():+.2f} ± {diffs.std(ddof=1) / math.sqrt(len(diffs)):.2f}")
                 continue
             values = [metrics[r.name][key] for r in runs]
@@ -139,7 +144,8 @@ def write_report(kind: str, settings: list[Setting], out: Path, command: str = "
     for d in dict.fromkeys(s.latent_dim for s in settings):
         header, body = table(out, settings, d)
         lines += [f"## Latent size {d}", "", _markdown_table(header, body), ""]
-        group = [s for s in settings if s.latent_dim == d and s.seed == settings[0].seed]
+        seed = min(s.seed for s in settings if s.latent_dim == d)  # the first seed that finished at this size
+        group = [s for s in settings if s.latent_dim == d and s.seed == seed]
         made = study_figures(group, out, figures, d)
         if kind == "sweep-beta":
             made["against beta"] = beta_plot([(float(s.label), metric_row(out, s)) for s in group],
@@ -189,7 +195,9 @@ def _beta_findings(out: Path, settings: list[Setting]) -> list[str]:
     """Plain statements of what the sweep measured, for the reader to check against the tables."""
     lines = ["## What the sweep measured", ""]
     for d in dict.fromkeys(s.latent_dim for s in settings):
-        rows = sorted((float(s.label), metric_row(out, s)) for s in settings if s.latent_dim == d and s.seed == settings[0].seed)
+        seed = min(s.seed for s in settings if s.latent_dim == d)
+        rows = sorted(((float(s.label), metric_row(out, s)) for s in settings if s.latent_dim == d and s.seed == seed),
+                      key=lambda row: row[0])
         (b0, r0), (b1, r1) = rows[0], next((r for r in rows if r[0] == 1.0), rows[-1])
         lines.append(f"- Latent size {d}: from β={b0:g} to β={b1:g} the hole score goes {r0['hole_score']:.3f} → "
                      f"{r1['hole_score']:.3f}, sharpness of prior samples {r0['sharp_samples']:.2f} → "

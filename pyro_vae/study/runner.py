@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import PyroVAEError
-from ..run_dir import RunFiles, atomic_write_json
+from ..run_dir import atomic_write_json
 from .executors import clear
-from .settings import Setting
+from .settings import Setting, stale_fields
 
 
 def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1000, progress: bool = True,
@@ -38,11 +38,11 @@ def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1
     if cpus_per_run is not None and cpus_per_run < 1 or gpus_per_run < 0:
         raise PyroVAEError("--cpus-per-run must be >= 1 and --gpus-per-run >= 0")
     check_settings(settings, k)
-    stale = [s for s in settings if _stale(out, s)]
+    stale = [s for s in settings if stale_fields(out, s)]
     if stale and not restart:
         first = stale[0]
         raise PyroVAEError(f"{len(stale)} run(s) in {out / 'runs'} were trained with other settings "
-                           f"({first.name}: {', '.join(_stale(out, first))}): pass --restart to train them again, "
+                           f"({first.name}: {', '.join(stale_fields(out, first))}): pass --restart to train them again, "
                            "or pick another --out")
     for s in stale:
         clear(out / "runs" / s.name)
@@ -87,18 +87,3 @@ def check_settings(settings: list[Setting], k: int = 1) -> None:
             check_evaluation_fits(build_vae(c, data.dim, data.image_shape, data.binary), k, 1000)
         except PyroVAEError as e:
             raise PyroVAEError(f"setting {s.name}: {e}") from None
-
-
-def _stale(out: Path, setting: Setting) -> list[str]:
-    """The config fields in which a run already in the study differs from its setting ([] if none, or if
-    there is no run yet)."""
-    files = RunFiles(out / "runs" / setting.name)
-    if not (files / "config.json").is_file():
-        return []
-    try:
-        stored = files.read_config().to_dict()
-    except PyroVAEError:
-        return ["config.json unreadable"]
-    wanted = setting.config.to_dict()
-    filled_in = {"prior_path"} if wanted["prior_path"] is None else set()  # training records where the module was
-    return [f"{k}={stored[k]!r} (wanted {wanted[k]!r})" for k in wanted if stored[k] != wanted[k] and k not in filled_in]

@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from ..config import Config
 from ..errors import PyroVAEError
 from ..models.priors import PRIORS
+from ..run_dir import RunFiles
 
 
 @dataclasses.dataclass
@@ -39,3 +41,25 @@ def beta_settings(base: Config, betas: list[float], latent_dims: list[int], seed
     return [Setting(f"beta{b:g}-z{d}-s{s}", dataclasses.replace(base, beta=b, latent_dim=d, seed=base.seed + s),
                     f"{b:g}", d, s)
             for d in latent_dims for b in betas for s in range(seeds)]
+
+
+def stale_fields(out: Path, setting: Setting) -> list[str]:
+    """The config fields in which a run already in the study differs from its setting ([] if none, or if
+    there is no run yet)."""
+    files = RunFiles(out / "runs" / setting.name)
+    if not (files / "config.json").is_file():
+        return []
+    try:
+        stored = files.read_config().to_dict()
+    except PyroVAEError:
+        return ["config.json unreadable"]
+    wanted = setting.config.to_dict()
+    if wanted["prior_path"] is None and ":" in wanted["prior"]:
+        # training records the folder the module was imported from: it must be the folder the caller's
+        # own import finds now (check_settings has imported it), or the run would be trusted with another
+        from ..models.user_priors import module_folder
+
+        wanted["prior_path"] = module_folder(wanted["prior"])
+    elif wanted["prior_path"] is None:
+        wanted["prior_path"] = stored["prior_path"]
+    return [f"{k}={stored[k]!r} (wanted {wanted[k]!r})" for k in wanted if stored[k] != wanted[k]]
