@@ -52,7 +52,7 @@ def study_figures(group: list[Setting], out: Path, figures: Path, d: int) -> dic
     for ax in axes.ravel()[len(runs):]:
         ax.set_axis_off()
     title = "aggregate posterior (codes of test images) over each prior's density" if d == 2 else \
-        "codes of test images, first two principal components"
+        "codes of test images (first two principal components) over prior draws projected the same way"
     fig.suptitle(title)
     fig.tight_layout()
     made["aggregate posterior"] = save_figure(fig, figures / f"aggregate-posterior-z{d}.png")
