@@ -5,7 +5,7 @@ single ``torch.optim.Adam`` steps every parameter at once.
     loss = ELBO.loss_and_grads(model, guide, x[, beta])      (Pyro: Trace_ELBO, its JIT twin, ...)
     with --optimizer adam-normgrad: each gradient divided by its L2 norm (the VampPrior code's AdamNormGrad)
     clamp every gradient element to [-clip_norm, clip_norm]  (one fused pass; as Pyro's ClippedAdam)
-    Adam step over all parameters (foreach), gradients set to None
+    Adam step over all parameters (fused: one kernel for every tensor), gradients set to None
     after each epoch: the learning-rate schedule (constant, reduce-on-plateau, cosine)
 
 This is Pyro's ELBO-as-a-loss idiom (``Trace_ELBO()(model, guide)`` with one torch optimizer) rather than
@@ -62,7 +62,7 @@ class TrainingStep:
         self.not_compiled = why_not_compiled(config, vae.prior) if jit is None else (None if jit else "--no-jit")
         self.elbo = make_elbo(config.objective, config.num_particles, vae.enumerated, self.not_compiled is None)
         self.params = [p for p in vae.parameters() if p.requires_grad]
-        self.optim = torch.optim.Adam(self.params, lr=config.lr, foreach=True)
+        self.optim = torch.optim.Adam(self.params, lr=config.lr, fused=True)
         self.clip = config.clip_norm
         self.normalise = config.optimizer == "adam-normgrad"
         self.schedule = make_schedule(config, self.optim)
