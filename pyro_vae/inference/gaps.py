@@ -21,6 +21,7 @@ import pyro.distributions as dist
 import torch
 
 from ..errors import PyroVAEError
+from ..numerics import logsumexp
 from ..seeding import seeded
 from .mcmc import SphereProjection, is_plain_vae, unconstrained_log_joint
 from .metrics import log_weights
@@ -45,7 +46,7 @@ def _log_mean_exp(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     mean = shifted.mean(0)
     stderr = shifted.std(0) / math.sqrt(k) / mean
     ess = shifted.sum(0) ** 2 / (shifted**2).sum(0)
-    return torch.logsumexp(lw, 0) - math.log(k), stderr, ess
+    return logsumexp(lw, 0) - math.log(k), stderr, ess
 
 
 @torch.no_grad()

@@ -15,6 +15,8 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from ..numerics import logsumexp
+
 
 @torch.no_grad()
 def log_weights(vae, x: torch.Tensor, num_particles: int) -> torch.Tensor:
@@ -50,7 +52,7 @@ def iw_log_likelihood(vae, x: torch.Tensor, num_particles: int = 1000, batch_siz
     points at a time (default :func:`iw_batch_size`: memory bounded whatever K is)."""
     batch_size = batch_size or iw_batch_size(vae, num_particles)
     return _batched(
-        lambda xb: torch.logsumexp(log_weights(vae, xb, num_particles), 0) - math.log(num_particles),
+        lambda xb: logsumexp(log_weights(vae, xb, num_particles), 0) - math.log(num_particles),
         x, batch_size, progress, f"log p(x), K={num_particles}",
     )
 
@@ -148,7 +150,7 @@ def _log_q_aggregate(vae, z: torch.Tensor, x: torch.Tensor, chunk: int = 256) ->
     out = []
     for i in range(0, z.shape[0], chunk):
         lp = q.log_prob(z[i : i + chunk, None, :])  # (m, N)
-        out.append(torch.logsumexp(lp, dim=1) - math.log(x.shape[0]))
+        out.append(logsumexp(lp, dim=1) - math.log(x.shape[0]))
     return torch.cat(out)
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import PyroVAEError
+from ..numerics import logsumexp
 from .base import Prior
 
 _DEFAULTS = Config()
@@ -29,7 +30,8 @@ class DiagonalNormalMixture(dist.TorchDistribution):
         c_k = -1/2 sum_j mu_kj^2 P_kj - sum_j log s_kj - d/2 log 2 pi,
 
     so all K of them, for every z at once, are two matrix products, (z*z) @ P^T and z @ (mu P)^T, and
-    log p(z) = logsumexp_k (log w_k + log N(z; mu_k, s_k)) one reduction. The broadcast form costs a
+    log p(z) = logsumexp_k (log w_k + log N(z; mu_k, s_k)) one reduction (:func:`pyro_vae.numerics.logsumexp`,
+    which skips the exponentials that underflow: most of the K, for a given z). The broadcast form costs a
     (batch, K, d) tensor per elementwise operation, forward and backward; this costs two GEMMs.
 
     Precision: the expansion subtracts terms of size sum_j (z_j^2 + mu_kj^2) P_kj, so in float32 a
@@ -72,7 +74,7 @@ class DiagonalNormalMixture(dist.TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return torch.logsumexp(self.component_log_prob(value), -1).to(value.dtype)
+        return logsumexp(self.component_log_prob(value), -1).to(value.dtype)
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
