@@ -104,11 +104,11 @@ def twin_epochs(data: Dataset, epochs: int) -> list[float]:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from speed import Twin, config, epochs_of, twin_elbo, twin_step
+    from speed import Twin, config, epochs_of, twin_elbo, twin_optimizer, twin_step
 
     torch.manual_seed(0)
     twin = Twin(pyro_vae.build_vae(config(), data.dim, data.image_shape, data.binary), "normal")
-    optim = torch.optim.Adam(twin.parameters(), lr=LR, foreach=True)
+    optim = twin_optimizer(twin.parameters(), LR)
     epoch = epochs_of(lambda xb: twin_step(twin, optim, xb), data.train)
     times = []
     for _ in range(epochs):

@@ -24,6 +24,7 @@ PRIOR_INITS = ("random", "data")
 OPTIMIZERS = ("adam", "adam-normgrad")
 LOGS = ("none", "csv", "tensorboard", "mlflow")
 OBJECTIVES = ("trace", "analytic", "iwae")
+ELBOS = ("direct", "pyro")
 DEVICES = ("cpu", "cuda")
 FLOWS = ("spline-coupling", "affine-autoregressive")
 GUIDES = ("auto", "normal", "full-covariance", "iaf", "sphere", "projected-normal", "relaxed-categorical")
@@ -106,9 +107,14 @@ class Config:
     num_particles: int = _opt("samples of z per data point in the objective (K for iwae)", default=1)
     beta: float = _opt("weight of the KL term (1 = the ELBO, 0 = an autoencoder)", default=1.0)
     warmup_epochs: float = _opt("linear KL warm-up: beta rises from 0 over this many epochs", default=0.0)
-    jit: bool = _opt("compile the ELBO with torch.jit (JitTrace_ELBO and friends) where it applies: the trace "
-                     "and analytic objectives with a built-in prior other than flow; --no-jit never compiles",
-                     default=True)
+    elbo: str = _opt("how the ELBO is computed: direct (from the model's and guide's distributions in tensor "
+                     "arithmetic, the same estimator as Pyro's on the same noise; where it does not apply, Pyro's), "
+                     "or pyro (Trace_ELBO, TraceMeanField_ELBO, RenyiELBO, TraceEnum_ELBO)", choices=ELBOS,
+                     default="direct")
+    jit: bool = _opt("compile the ELBO where it applies and repays its compilation: the direct ELBO with "
+                     "torch.compile for runs of at least 30,000 training steps; Pyro's with torch.jit "
+                     "(JitTrace_ELBO and friends) for the trace and analytic objectives with a built-in prior "
+                     "other than flow; --no-jit never compiles", default=True)
     # optimisation
     epochs: int = _opt("maximum number of epochs", default=100)
     batch_size: int = _opt("mini-batch size", default=128)

@@ -1,4 +1,5 @@
-"""The compiled ELBOs (torch.jit): the same objective as the Python ones, for every prior they are used with."""
+"""The compiled ELBOs (torch.jit) of --elbo pyro: the same objective as the Python ones, for every prior they are
+used with."""
 
 import math
 
@@ -21,7 +22,7 @@ K = 1000  # particles: the compiled and the Python estimates agree within a few 
 
 
 def _vae(digits, **overrides):
-    cfg = tiny_config(latent_dim=3, **overrides)
+    cfg = tiny_config(latent_dim=3, elbo="pyro", **overrides)
     torch.manual_seed(0)
     pyro.clear_param_store()
     return cfg, build_vae(cfg, digits.dim, digits.image_shape, digits.binary)
@@ -90,9 +91,10 @@ def test_which_runs_compile(digits, tmp_path):
     assert "not one the tracer" in why_not_compiled(tiny_config(prior="my_priors:cauchy"), cauchy)
     with pytest.raises(PyroVAEError, match="no compiled version"):
         make_elbo("iwae", 4, jit=True)
-    compiled = train(tiny_config(epochs=1), tmp_path / "c", data=digits, progress=False)
+    compiled = train(tiny_config(epochs=1, elbo="pyro"), tmp_path / "c", data=digits, progress=False)
     assert compiled.info["elbo"] == "JitTrace_ELBO" and compiled.info["compiled"]
-    flow = train(tiny_config(epochs=1, prior="flow"), tmp_path / "f", data=digits, progress=False)
+    assert compiled.info["compiler"] == "torch.jit" and "not_direct_because" not in compiled.info
+    flow = train(tiny_config(epochs=1, prior="flow", elbo="pyro"), tmp_path / "f", data=digits, progress=False)
     assert flow.info["elbo"] == "Trace_ELBO" and not flow.info["compiled"]
     assert "flow" in flow.info["not_compiled_because"]
 
@@ -114,7 +116,7 @@ def test_a_model_the_tracer_cannot_follow_trains_uncompiled(digits, tmp_path, mo
     """The spline flow breaks the traced graph on its second run; were it marked traceable, training
     would still go on, with the Python ELBO, and say why."""
     monkeypatch.setattr(FlowPrior, "traceable", True)
-    run = train(tiny_config(epochs=2, prior="flow"), tmp_path / "f", data=digits, progress=False)
+    run = train(tiny_config(epochs=2, prior="flow", elbo="pyro"), tmp_path / "f", data=digits, progress=False)
     assert run.info["elbo"] == "Trace_ELBO" and not run.info["compiled"]
-    assert run.info["not_compiled_because"].startswith("torch.jit could not trace it")
+    assert run.info["not_compiled_because"].startswith("torch.jit could not compile it")
     assert run.history[-1]["valid_elbo"] > run.history[0]["valid_elbo"]

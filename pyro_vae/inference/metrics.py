@@ -16,11 +16,27 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from ..numerics import logsumexp
+from .direct import direct_log_weights, why_not_direct
 
 
 @torch.no_grad()
 def log_weights(vae, x: torch.Tensor, num_particles: int) -> torch.Tensor:
-    """w_k(x_n) = log p(x_n, z_k) - log q(z_k | x_n) for z_k ~ q(z | x_n): shape (K, N)."""
+    """w_k(x_n) = log p(x_n, z_k) - log q(z_k | x_n) for z_k ~ q(z | x_n): shape (K, N). Computed from the
+    model's distributions (:func:`~pyro_vae.inference.direct.direct_log_weights`) where that applies, else
+    from Pyro's traces (:func:`trace_log_weights`); the two draw the same z on the same random stream."""
+    return log_weights_function(vae)(vae, x, num_particles)
+
+
+def log_weights_function(vae):
+    """:func:`~pyro_vae.inference.direct.direct_log_weights` or :func:`trace_log_weights`, whichever
+    :func:`log_weights` uses for ``vae`` (decided once, for a loop over batches)."""
+    return direct_log_weights if why_not_direct(vae) is None else trace_log_weights
+
+
+@torch.no_grad()
+def trace_log_weights(vae, x: torch.Tensor, num_particles: int) -> torch.Tensor:
+    """:func:`log_weights` through Pyro: the guide traced, the model replayed against it, every sample
+    site's log-density summed (model +, guide -)."""
     with pyro.plate("particles", num_particles, dim=-2):
         guide_trace = poutine.trace(vae.guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
@@ -41,18 +57,22 @@ def _batched(fn, x: torch.Tensor, batch_size: int, progress: bool = False, desc:
                                                                unit="batch", dynamic_ncols=True)])
 
 
+@torch.no_grad()
 def elbo_per_datapoint(vae, x: torch.Tensor, num_particles: int = 1, batch_size: int = 1000) -> torch.Tensor:
     """The Monte Carlo ELBO of each data point, shape (N,), in nats."""
-    return _batched(lambda xb: log_weights(vae, xb, num_particles).mean(0), x, batch_size)
+    weights = log_weights_function(vae)
+    return _batched(lambda xb: weights(vae, xb, num_particles).mean(0), x, batch_size)
 
 
+@torch.no_grad()
 def iw_log_likelihood(vae, x: torch.Tensor, num_particles: int = 1000, batch_size: int | None = None,
                       progress: bool = False) -> torch.Tensor:
     """The importance-weighted estimate of log p(x) of each data point, shape (N,). ``batch_size`` data
     points at a time (default :func:`iw_batch_size`: memory bounded whatever K is)."""
     batch_size = batch_size or iw_batch_size(vae, num_particles)
+    weights = log_weights_function(vae)
     return _batched(
-        lambda xb: logsumexp(log_weights(vae, xb, num_particles), 0) - math.log(num_particles),
+        lambda xb: logsumexp(weights(vae, xb, num_particles), 0) - math.log(num_particles),
         x, batch_size, progress, f"log p(x), K={num_particles}",
     )
 

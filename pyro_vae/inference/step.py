@@ -1,8 +1,11 @@
-"""One training step, as lean as plain PyTorch: Pyro's ELBO computes the loss and its gradients
-(compiled with torch.jit where :func:`~pyro_vae.inference.objectives.why_not_compiled` allows), and a
-single ``torch.optim.Adam`` steps every parameter at once.
+"""One training step, as lean as plain PyTorch: the ELBO and its gradients, then a single fused
+``torch.optim.Adam`` over every parameter at once.
 
-    loss = ELBO.loss_and_grads(model, guide, x[, beta])      (Pyro: Trace_ELBO, its JIT twin, ...)
+    loss = the ELBO of the Pyro model (minus it, summed over the batch), by default computed directly from
+           the model's and guide's distributions (:mod:`pyro_vae.inference.direct`; the same estimator as
+           Pyro's on the same noise), compiled with torch.compile for runs long enough to repay its
+           compilation; with --elbo pyro, Pyro's ELBO (Trace_ELBO, ...; compiled with torch.jit where
+           :func:`~pyro_vae.inference.objectives.why_not_compiled` allows)
     with --optimizer adam-normgrad: each gradient divided by its L2 norm (the VampPrior code's AdamNormGrad)
     clamp every gradient element to [-clip_norm, clip_norm]  (one fused pass; as Pyro's ClippedAdam)
     Adam step over all parameters (fused: one kernel for every tensor), gradients set to None
@@ -16,15 +19,21 @@ from __future__ import annotations
 
 import warnings
 
+import pyro
 import torch
 
 from ..config import Config
 from ..errors import PyroVAEError
 from ..seeding import seeded
+from .direct import DirectELBO, why_not_direct
 from .objectives import KLWeight, kl_weighted, make_elbo, why_not_compiled
 
 SCHEDULES = ("constant", "plateau", "cosine")
 """The learning-rate schedules ``--lr-schedule`` names."""
+
+COMPILE_MIN_STEPS = 30_000
+"""Training steps from which torch.compile of the direct ELBO repays its compilation: on this project's
+2-core CPU it compiled in 25-45 s and then saved 1.3-3.8 ms a step (benchmarks/README.md)."""
 
 
 def make_schedule(config: Config, optim: torch.optim.Optimizer):
@@ -47,20 +56,40 @@ class TrainingStep:
     """The training step of a VAE under ``config``: ``step(x)`` is one mini-batch, ``end_epoch(score)``
     moves the learning-rate schedule, ``state_dict()`` is what a checkpoint keeps.
 
-    ``extra``: the arguments each model call takes after x, (beta,) as a tensor that KL warm-up moves
-    in place, or () when beta is constantly 1 and model and guide run unwrapped. ``jit=False`` forces
-    the Python ELBO (``jit=True`` compiles whatever the prior declares: for tests that show why a prior is
-    not compiled); ``not_compiled`` says why it is not compiled (None: it is)."""
+    Which ELBO computes the loss: ``direct`` (a :class:`~pyro_vae.inference.direct.DirectELBO`) unless
+    ``config.elbo == "pyro"`` or :func:`~pyro_vae.inference.direct.why_not_direct` says it does not apply
+    (``not_direct`` says why), else Pyro's (``elbo``). ``elbo_name`` names the one that runs, ``compiler``
+    what compiles it (torch.compile, torch.jit or None) and ``not_compiled`` why nothing does.
 
-    def __init__(self, vae, config: Config, weight: KLWeight, jit: bool | None = None):
-        model = vae.enumerated_model if vae.enumerated else vae.model
-        guide = vae.guide
-        self.extra: tuple = ()
-        if not weight.constant_one:
-            model, guide, self.extra = kl_weighted(model), kl_weighted(guide), (weight.tensor,)
-        self.model, self.guide = model, guide
-        self.not_compiled = why_not_compiled(config, vae.prior) if jit is None else (None if jit else "--no-jit")
-        self.elbo = make_elbo(config.objective, config.num_particles, vae.enumerated, self.not_compiled is None)
+    Compiling: ``jit=None`` follows ``config.jit``: the direct ELBO is compiled when the run has ``steps`` >=
+    :data:`COMPILE_MIN_STEPS` training steps, Pyro's where the prior is traceable; ``jit=False`` never
+    compiles; ``jit=True`` compiles whatever applies (for tests). ``extra``: the arguments Pyro's model
+    takes after x, (beta,) as a tensor that KL warm-up moves in place, or () when beta is constantly 1."""
+
+    def __init__(self, vae, config: Config, weight: KLWeight, jit: bool | None = None, steps: int | None = None):
+        self.weight = weight
+        probe = torch.zeros(1, vae.data_dim, device=vae.device)  # the guide's family, at any input
+        self.not_direct = "--elbo pyro" if config.elbo == "pyro" else why_not_direct(vae, probe)
+        self.direct = DirectELBO(vae, config.objective, config.num_particles) if self.not_direct is None else None
+        self.elbo = None
+        self._compiled, self.compile_batch = None, config.batch_size
+        if self.direct is not None:
+            self.elbo_name = "DirectELBO"
+            self.not_compiled = _why_not_torch_compiled(config, steps) if jit is None else (None if jit else "--no-jit")
+            self.compiler = None if self.not_compiled else "torch.compile"
+            if self.compiler:
+                self._compiled = torch.compile(self.direct, dynamic=False, options={"fallback_random": True})
+        else:
+            model = vae.enumerated_model if vae.enumerated else vae.model
+            guide = vae.guide
+            self.extra: tuple = ()
+            if not weight.constant_one:
+                model, guide, self.extra = kl_weighted(model), kl_weighted(guide), (weight.tensor,)
+            self.model, self.guide = model, guide
+            self.not_compiled = why_not_compiled(config, vae.prior) if jit is None else (None if jit else "--no-jit")
+            self.compiler = None if self.not_compiled else "torch.jit"
+            self.elbo = make_elbo(config.objective, config.num_particles, vae.enumerated, self.not_compiled is None)
+            self.elbo_name = type(self.elbo).__name__
         self.params = [p for p in vae.parameters() if p.requires_grad]
         self.optim = torch.optim.Adam(self.params, lr=config.lr, fused=True)
         self.clip = config.clip_norm
@@ -70,7 +99,13 @@ class TrainingStep:
 
     def loss_and_grads(self, x: torch.Tensor) -> float:
         """The loss (minus the ELBO, summed over the batch) with its gradients accumulated into .grad."""
-        return self.elbo.loss_and_grads(self.model, self.guide, x, *self.extra)
+        if self.direct is None:
+            return self.elbo.loss_and_grads(self.model, self.guide, x, *self.extra)
+        compiled = self._compiled is not None and x.shape[0] == self.compile_batch  # a smaller last batch: eager
+        with pyro.validation_enabled(False):  # the distributions' argument checks cost a tenth of a small step and
+            loss = (self._compiled if compiled else self.direct)(x, self.weight.tensor)  # break a compiled graph;
+        loss.backward()  # a NaN shows in the loss, which the training loop checks after every step
+        return loss.item()
 
     def step(self, x: torch.Tensor) -> float:
         """One optimisation step on the mini-batch x; the loss before it."""
@@ -110,11 +145,17 @@ class TrainingStep:
                 self.schedule.T_max = self.epochs  # a run given more epochs anneals over its new length
 
     def compile(self, batches: list[torch.Tensor], seed: int, binarize: bool = False) -> None:
-        """Run a compiled ELBO on each batch shape of an epoch before training: it is traced (and the
-        profiling executor settles) on a private random stream, and the gradients are dropped. A run
-        started here and one resumed here then draw the same training stream, step for step."""
+        """Run a compiled ELBO on each batch shape of an epoch before training (the direct ELBO compiles for
+        the full batch only): it is compiled (and torch.jit's profiling executor settles) on a private random
+        stream, and the gradients are dropped. A run started here and one resumed here then draw the same
+        training stream, step for step."""
+        if self.compiler is None:
+            return
+        if self.compiler == "torch.compile":
+            batches = [b for b in batches if b.shape[0] == self.compile_batch]
+            self.direct.vae.train()  # the mode the loop trains in (torch.compile guards on it)
         with seeded(seed, batches[0].device), warnings.catch_warnings():
-            # torch 2.14 deprecates torch.jit.trace, which Pyro's Jit*_ELBO use; --no-jit avoids it
+            # torch 2.14 deprecates torch.jit.trace, which Pyro's Jit*_ELBO use; the direct ELBO avoids it
             warnings.filterwarnings("ignore", message="`torch.jit.trace` is deprecated", category=FutureWarning)
             for xb in batches:
                 xb = torch.bernoulli(xb) if binarize else xb
@@ -123,4 +164,13 @@ class TrainingStep:
         self.optim.zero_grad(set_to_none=True)
 
 
-__all__ = ["TrainingStep", "make_schedule", "SCHEDULES"]
+def _why_not_torch_compiled(config: Config, steps: int | None) -> str | None:
+    if not config.jit:
+        return "--no-jit"
+    if steps is None or steps < COMPILE_MIN_STEPS:
+        return (f"the run has {steps if steps is not None else 'an unknown number of'} training steps, fewer than the "
+                f"{COMPILE_MIN_STEPS:,} that repay torch.compile's compilation")
+    return None
+
+
+__all__ = ["TrainingStep", "make_schedule", "SCHEDULES", "COMPILE_MIN_STEPS"]

@@ -161,22 +161,25 @@ def default_run_path(config: Config) -> Path:
 # --------------------------------------------------------------------------- the step, compiled or not
 
 
-def _compile_or_fall_back(vae: VAE, config: Config, weight: KLWeight, train_x: torch.Tensor) -> TrainingStep:
-    """The training step with the compiled ELBO, traced on each batch shape of an epoch, or, where the
-    tracer cannot follow the model, with the Python ELBO and the reason (``step.not_compiled``)."""
-    step = TrainingStep(vae, config, weight)
+def _compile_or_fall_back(vae: VAE, config: Config, weight: KLWeight, train_x: torch.Tensor,
+                          steps: int) -> TrainingStep:
+    """The training step with its ELBO compiled (torch.compile for the direct ELBO, torch.jit for Pyro's) on
+    each batch shape of an epoch, or, where the compiler cannot follow the model, the same ELBO uncompiled,
+    with the reason (``step.not_compiled``). ``steps``: how many training steps the run has."""
+    step = TrainingStep(vae, config, weight, steps=steps)
     if step.not_compiled is not None:
         return step
     n, bs = len(train_x), config.batch_size
     shapes = [train_x[:bs]] + ([train_x[: n % bs]] if n % bs and n > bs else [])
     try:
         step.compile(shapes, seed=config.seed + 3 * EVAL_SEED_OFFSET, binarize=config.binarize)
-    except Exception as e:  # a model the tracer cannot follow: train it with the Python ELBO
+    except Exception as e:  # a model the compiler cannot follow: train it with the uncompiled ELBO
         first_line = (str(e).strip().splitlines() or [""])[0][:200]
         for p in vae.parameters():
             p.grad = None
+        compiler = step.compiler
         step = TrainingStep(vae, config, weight, jit=False)
-        step.not_compiled = f"torch.jit could not trace it ({type(e).__name__}: {first_line})"
+        step.not_compiled = f"{compiler} could not compile it ({type(e).__name__}: {first_line})"
     return step
 
 
@@ -290,14 +293,16 @@ def _loop(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict, 
     weight = KLWeight(config.beta, config.warmup_epochs, device)
     train_x = data.train.to(device)
     held_out = {s: data.as_seen(s, config.binarize)[0].to(device) for s in ("valid", "test")}
-    step = _compile_or_fall_back(vae, config, weight, train_x)
-    info.update(elbo=type(step.elbo).__name__, compiled=step.not_compiled is None, optimizer="torch.optim.Adam")
-    info.pop("not_compiled_because", None)
-    if step.not_compiled is not None:
-        info["not_compiled_because"] = step.not_compiled
+    steps = math.ceil(len(train_x) / config.batch_size)
+    step = _compile_or_fall_back(vae, config, weight, train_x, steps * config.epochs)
+    info.update(elbo=step.elbo_name, compiled=step.not_compiled is None, compiler=step.compiler,
+                optimizer="torch.optim.Adam")
+    for key, reason in (("not_compiled_because", step.not_compiled), ("not_direct_because", step.not_direct)):
+        info.pop(key, None)
+        if reason is not None and not (key == "not_direct_because" and config.elbo == "pyro"):
+            info[key] = reason
     state = _restore(step, checkpoint, device)
 
-    steps = math.ceil(len(train_x) / config.batch_size)
     bar = Progress(progress, config.epochs, steps, state.start_epoch, files.path.name)
     tracker = Tracker(config.log, files, config, info)
     stopped_early, outcome = False, "failed"
