@@ -111,10 +111,10 @@ class Config:
                      "arithmetic, the same estimator as Pyro's on the same noise; where it does not apply, Pyro's), "
                      "or pyro (Trace_ELBO, TraceMeanField_ELBO, RenyiELBO, TraceEnum_ELBO)", choices=ELBOS,
                      default="direct")
-    jit: bool = _opt("compile the ELBO where it applies and repays its compilation: the direct ELBO with "
-                     "torch.compile for runs of at least 30,000 training steps; Pyro's with torch.jit "
-                     "(JitTrace_ELBO and friends) for the trace and analytic objectives with a built-in prior "
-                     "other than flow; --no-jit never compiles", default=True)
+    jit: bool = _opt("compile the ELBO where it applies and repays its compilation, with a built-in prior other "
+                     "than flow and vmf: the direct ELBO with torch.compile for runs of at least 30,000 training "
+                     "steps; Pyro's with torch.jit (JitTrace_ELBO and friends) for the trace and analytic "
+                     "objectives; --no-jit never compiles", default=True)
     # optimisation
     epochs: int = _opt("maximum number of epochs", default=100)
     batch_size: int = _opt("mini-batch size", default=128)

@@ -62,7 +62,7 @@ class TrainingStep:
     what compiles it (torch.compile, torch.jit or None) and ``not_compiled`` why nothing does.
 
     Compiling: ``jit=None`` follows ``config.jit``: the direct ELBO is compiled when the run has ``steps`` >=
-    :data:`COMPILE_MIN_STEPS` training steps, Pyro's where the prior is traceable; ``jit=False`` never
+    :data:`COMPILE_MIN_STEPS` training steps, either where the prior is ``traceable``; ``jit=False`` never
     compiles; ``jit=True`` compiles whatever applies (for tests). ``extra``: the arguments Pyro's model
     takes after x, (beta,) as a tensor that KL warm-up moves in place, or () when beta is constantly 1."""
 
@@ -75,7 +75,8 @@ class TrainingStep:
         self._compiled, self.compile_batch = None, config.batch_size
         if self.direct is not None:
             self.elbo_name = "DirectELBO"
-            self.not_compiled = _why_not_torch_compiled(config, steps) if jit is None else (None if jit else "--no-jit")
+            self.not_compiled = (_why_not_torch_compiled(config, steps, vae.prior) if jit is None
+                                 else (None if jit else "--no-jit"))
             self.compiler = None if self.not_compiled else "torch.compile"
             if self.compiler:
                 self._compiled = torch.compile(self.direct, dynamic=False, options={"fallback_random": True})
@@ -164,9 +165,12 @@ class TrainingStep:
         self.optim.zero_grad(set_to_none=True)
 
 
-def _why_not_torch_compiled(config: Config, steps: int | None) -> str | None:
+def _why_not_torch_compiled(config: Config, steps: int | None, prior) -> str | None:
     if not config.jit:
         return "--no-jit"
+    if not prior.traceable:  # the spline flow's masked assignments fail in a compiled backward pass
+        return (f"the prior {config.prior!r} is not one the compilers are known to get right (compiled: the "
+                "built-in priors other than flow and vmf, and priors that declare traceable = True)")
     if steps is None or steps < COMPILE_MIN_STEPS:
         return (f"the run has {steps if steps is not None else 'an unknown number of'} training steps, fewer than the "
                 f"{COMPILE_MIN_STEPS:,} that repay torch.compile's compilation")

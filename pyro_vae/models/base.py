@@ -7,9 +7,10 @@ to probe a prior with ``getattr``:
 
     support          the support of z, when known without calling ``forward()`` (None: ask the
                      distribution). The guide's family follows it.
-    traceable        whether torch.jit may compile the ELBO of a model with this prior. False by
-                     default: a trace freezes Python control flow, so only priors the tests check
-                     against the Python ELBO set it (every built-in prior but the flow).
+    traceable        whether the ELBO of a model with this prior may be compiled (torch.compile for the
+                     direct ELBO, torch.jit for Pyro's). False by default: a trace freezes Python control
+                     flow, so only priors the tests check against the uncompiled ELBO set it (every
+                     built-in prior but the flow and the von Mises-Fisher).
     enumerated       True when :meth:`model_dist` adds a discrete site that TraceEnum_ELBO sums out
                      exactly; ``forward()`` stays the marginal p(z), for sampling and metrics.
     needs_guide      True when the prior is made of the guide (the VampPrior): :meth:`attach` is
