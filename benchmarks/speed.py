@@ -28,7 +28,9 @@ Workloads (--train-images images an epoch, --eval-images test images):
   mog500          one epoch of steps with a mixture of K = 500 Gaussians in d = 40
   vamp500         one epoch of steps with the VampPrior, K = 500 pseudo-inputs
   floor           the VampPrior's floor: the N(0, I) step plus the encoder's forward and backward pass on the
-                  K = 500 pseudo-inputs, each step (pyro-vae side) against the twin doing the same
+                  K = 500 pseudo-inputs (to its weights and to the pseudo-inputs, which the VampPrior learns),
+                  each step (pyro-vae side) against the twin doing the same
+  mog500-compiled, vamp500-compiled, floor-compiled: the three above with the step compiled on both sides
   eval            importance-weighted log p(x), K = 1000
 Each runs --repeats times, the two sides back to back, alternating which goes first (the end-to-end
 epoch: pyro-vae's epoch, then the twin's, inside pyro_vae.train's on_epoch_end). Printed are the medians
@@ -67,7 +69,7 @@ from pyro_vae.inference.step import TrainingStep
 
 HIDDEN, LATENT, BATCH, K_EVAL, K_MIX = 300, 40, 100, 1000, 500
 WORKLOADS = ("step", "step-compiled", "step-pyro", "step-no-jit", "epoch", "epoch-compiled", "mog500", "vamp500",
-             "floor", "eval")
+             "floor", "mog500-compiled", "vamp500-compiled", "floor-compiled", "eval")
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -197,24 +199,14 @@ def workloads(data, device, args):
     out = {}
     for name, prior, kw in (("step", "normal", {}), ("step-compiled", "normal", {"compiled": True}),
                             ("step-pyro", "normal", {"elbo": "pyro"}), ("step-no-jit", "normal", {"elbo": "pyro", "jit": False}),
-                            ("mog500", "mog", {}), ("vamp500", "vamp", {})):
+                            ("mog500", "mog", {}), ("vamp500", "vamp", {}),
+                            ("mog500-compiled", "mog", {"compiled": True}), ("vamp500-compiled", "vamp", {"compiled": True})):
         if name in args.only:
             _, pyro_step, _, plain_step, seconds = _pair(data, device, prior, **kw)
             out[name] = (epochs_of(pyro_step, x), epochs_of(plain_step, x), seconds)
-    if "floor" in args.only:
-        vae, pyro_step, twin, plain_step, seconds = _pair(data, device, "normal")
-        u = torch.sigmoid(pyro_vae.build_vae(config("vamp"), data.dim, data.image_shape, data.binary)
-                          .prior.raw_pseudo_inputs.detach()).to(device)
-
-        def pyro_floor(xb):
-            pyro_step(xb)
-            vae.guide_dist.encoder(u).sum().backward()
-
-        def twin_floor(xb):
-            twin.encoder(u).sum().backward()
-            plain_step(xb)
-
-        out["floor"] = (epochs_of(pyro_floor, x), epochs_of(twin_floor, x), seconds)
+    for name, compiled in (("floor", False), ("floor-compiled", True)):
+        if name in args.only:
+            out[name] = _floor(data, device, x, compiled)
     if "eval" in args.only:
         torch.manual_seed(0)
         vae = pyro_vae.build_vae(config(), data.dim, data.image_shape, data.binary).to(device).eval()
@@ -222,6 +214,24 @@ def workloads(data, device, args):
         test_x = data.test[: args.eval_images].to(device)
         out["eval"] = (lambda: iw_log_likelihood(vae, test_x, K_EVAL), lambda: twin_iw(twin, test_x), None)
     return out
+
+
+def _floor(data, device, x, compiled):
+    """The VampPrior's floor: the N(0, I) step, then the encoder's forward and backward pass on the K
+    pseudo-inputs, to its weights and to the pseudo-inputs themselves (the VampPrior learns them)."""
+    vae, pyro_step, twin, plain_step, seconds = _pair(data, device, "normal", compiled)
+    u = torch.sigmoid(pyro_vae.build_vae(config("vamp"), data.dim, data.image_shape, data.binary)
+                      .prior.raw_pseudo_inputs.detach()).to(device).requires_grad_()
+
+    def pyro_floor(xb):
+        pyro_step(xb)
+        vae.guide_dist.encoder(u).sum().backward()
+
+    def twin_floor(xb):
+        twin.encoder(u).sum().backward()
+        plain_step(xb)
+
+    return epochs_of(pyro_floor, x), epochs_of(twin_floor, x), seconds
 
 
 def end_to_end(data, device, args, compiled=False) -> dict:
@@ -381,7 +391,8 @@ def main():
         print(f"{name:12s} pyro-vae {med['pyro-vae']:.3f} s   twin {med['plain']:.3f} s   ratio {r['ratio']:.3f} "
               f"(quartiles {r['ratio_quartiles'][0]:.3f}-{r['ratio_quartiles'][1]:.3f})", flush=True)
     goals = {}
-    for name, over in (("mog500", "step"), ("vamp500", "floor")):
+    for name, over in (("mog500", "step"), ("vamp500", "floor"), ("mog500-compiled", "step-compiled"),
+                       ("vamp500-compiled", "floor-compiled")):
         if name in times and over in times:
             goals[f"{name}/{over}"] = paired(times[name]["pyro-vae"], times[over]["pyro-vae"])
             print(f"{name}/{over} (pyro-vae): {goals[f'{name}/{over}']['ratio']:.3f}", flush=True)

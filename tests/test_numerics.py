@@ -25,8 +25,8 @@ def test_values_and_gradients_equal_torch(dtype, spread):
         assert torch.allclose(g_ours, g_theirs, rtol=1e-5, atol=max(1e-6, tol * spread))
 
 
-def test_terms_below_the_smallest_normal_number_are_dropped_not_kept():
-    """A term exp(-100) next to exp(0) is a subnormal in float32: dropping it changes nothing."""
+def test_terms_below_the_smallest_normal_number_count_for_nothing():
+    """A term exp(-100) next to exp(0) is a subnormal in float32: raising it to exp(-86.3) changes nothing."""
     x = torch.tensor([[0.0, -100.0, -1e4], [-3.0, -3.0, -200.0]])
     assert torch.equal(logsumexp(x, -1), torch.tensor([0.0, -3.0 + math.log(2.0)]))
 

@@ -68,8 +68,9 @@ class DiagonalNormalMixture(dist.TorchDistribution):
         const = (torch.log_softmax(self.logits.to(compute), -1) - 0.5 * (loc.pow(2) * precision).sum(-1)
                  - scale.log().sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi))
         flat = z.reshape(-1, z.shape[-1])
-        quad = (flat * flat) @ (-0.5 * precision).T + flat @ (loc * precision).T   # (n, K)
-        return (quad + const).reshape(*value.shape[:-1], self.loc.shape[0])
+        # const + z @ (mu P)^T - 1/2 (z*z) @ P^T, (n, K): two GEMMs that accumulate into one output
+        quad = torch.addmm(torch.addmm(const, flat, (loc * precision).T), flat * flat, precision.T, alpha=-0.5)
+        return quad.reshape(*value.shape[:-1], self.loc.shape[0])
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
