@@ -11,8 +11,9 @@ The model: static binarized MNIST (--train-images training images, --valid-image
 the MLP VAE 784-300-300-40 with softplus units, a one-sample ELBO with a Bernoulli likelihood, batch
 100, Adam at lr 1e-3. pythae's own parts: its ``VAE`` (log-variance head, sigmoid decoder output with
 ``reconstruction_loss="bce"``, analytic KL) trained by its ``BaseTrainer`` (its data loader, train and
-eval steps, best-model copy, logging); pyro-vae's: ``pyro_vae.train`` (compiled ELBO, validation ELBO,
-checkpoint and history each epoch); and, for reference, benchmarks/speed.py's plain-PyTorch twin (steps
+eval steps, best-model copy, logging); pyro-vae's: ``pyro_vae.train`` (the direct ELBO, validation ELBO,
+checkpoint and history each epoch), as a short run trains (uncompiled) and as a run of 30,000 steps or more
+does (``pyro-vae-compiled``: the ELBO compiled with torch.compile); and, for reference, benchmarks/speed.py's plain-PyTorch twin (steps
 and validation ELBO). Each round trains each for --epochs epochs, alternating the order; every epoch is timed from one ``on_epoch_end`` callback to the next, the first of each training
 (set-up, compilation) dropped. Printed: median seconds per epoch (training + validation) and the median
 of pyro-vae / pythae over the rounds' paired medians.
@@ -21,6 +22,8 @@ of pyro-vae / pythae over the rounds' paired medians.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import platform
@@ -84,18 +87,28 @@ def pythae_epochs(train_x, valid_x, epochs: int) -> list[float]:
         trainer = BaseTrainer(model, BaseDataset(train_x, torch.zeros(len(train_x))),
                               BaseDataset(valid_x, torch.zeros(len(valid_x))), training_config=config,
                               callbacks=[Timer()])
-        trainer.train()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            trainer.train()  # its progress bars and banners, kept off this benchmark's output
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
-def pyro_vae_epochs(data: Dataset, epochs: int) -> list[float]:
-    """Seconds per epoch of pyro_vae.train (first epoch dropped)."""
+def pyro_vae_epochs(data: Dataset, epochs: int, compiled: bool = False) -> list[float]:
+    """Seconds per epoch of pyro_vae.train (first epoch dropped). ``compiled``: as a run of
+    COMPILE_MIN_STEPS steps or more trains (the direct ELBO compiled with torch.compile); else as a short
+    run does (uncompiled)."""
+    from pyro_vae.inference import step
+
     marks = []
     config = pyro_vae.Config(dataset="binarized-mnist", latent_dim=LATENT, hidden_dim=HIDDEN, hidden_layers=2,
                              batch_size=BATCH, lr=LR, epochs=epochs, patience=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        pyro_vae.train(config, Path(tmp) / "run", data=data, progress=False,
-                       on_epoch_end=lambda epoch, record: marks.append(time.perf_counter()))
+    threshold, step.COMPILE_MIN_STEPS = step.COMPILE_MIN_STEPS, 0 if compiled else float("inf")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = pyro_vae.train(config, Path(tmp) / "run", data=data, progress=False,
+                                 on_epoch_end=lambda epoch, record: marks.append(time.perf_counter()))
+    finally:
+        step.COMPILE_MIN_STEPS = threshold
+    assert run.info["compiled"] == compiled, run.info
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
@@ -131,25 +144,32 @@ def main():
     full = pyro_vae.load_dataset("binarized-mnist", args.data_root)
     data = Dataset("binarized-mnist", full.train[: args.train_images], full.valid[: args.valid_images],
                    full.test[: args.valid_images], full.image_shape, full.binary)
-    times = {"pyro-vae": [], "pythae": [], "twin": []}
+    times = {"pyro-vae": [], "pyro-vae-compiled": [], "pythae": [], "twin": []}
     for r in range(args.rounds):
         sides = [("pyro-vae", lambda: pyro_vae_epochs(data, args.epochs)),
+                 ("pyro-vae-compiled", lambda: pyro_vae_epochs(data, args.epochs, compiled=True)),
                  ("pythae", lambda: pythae_epochs(data.train, data.valid, args.epochs)),
                  ("twin", lambda: twin_epochs(data, args.epochs))]
         for side, run in sides if r % 2 == 0 else sides[::-1]:
             torch.manual_seed(r)
             times[side].append(statistics.median(run()))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s/epoch" for k, v in times.items()), flush=True)
-    ratios = sorted(a / b for a, b in zip(times["pyro-vae"], times["pythae"]))
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+
+    def paired(a, b):
+        ratios = sorted(x / y for x, y in zip(times[a], times[b]))
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        return {"ratio": statistics.median(ratios), "quartiles": [q1, q3]}
+
+    ratios = {f"{a} / {b}": paired(a, b) for a, b in (("pyro-vae", "pythae"), ("pyro-vae-compiled", "pythae"),
+                                                       ("pyro-vae", "twin"))}
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
               "torch": torch.__version__, "train_images": args.train_images, "valid_images": args.valid_images,
               "epochs_per_training": args.epochs, "rounds": args.rounds,
               "median_seconds_per_epoch": {k: statistics.median(v) for k, v in times.items()},
-              "ratio_pyro_vae_over_pythae": statistics.median(ratios), "ratio_quartiles": [q1, q3],
-              "ratio_pyro_vae_over_twin": statistics.median(a / b for a, b in zip(times["pyro-vae"], times["twin"])),
-              "all_seconds": times, "command": "benchmarks/peers.py " + " ".join(__import__("sys").argv[1:])}
-    print(f"pyro-vae / pythae: {result['ratio_pyro_vae_over_pythae']:.3f} (quartiles {q1:.3f}-{q3:.3f})")
+              "ratios": ratios, "all_seconds": times,
+              "command": "benchmarks/peers.py " + " ".join(__import__("sys").argv[1:])}
+    for name, r in ratios.items():
+        print(f"{name}: {r['ratio']:.3f} (quartiles {r['quartiles'][0]:.3f}-{r['quartiles'][1]:.3f})")
     out = Path(__file__).parent / "results" / "peers-cpu.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written: {out}")

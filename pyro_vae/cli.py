@@ -173,7 +173,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     command = "pyro-vae " + " ".join(sys.argv[1:]) if sys.argv and "pyro" in sys.argv[0] else ""
     report = run_study(args.command, settings, args.out, k=options["k"], progress=not args.quiet, command=command,
                        restart=args.restart, executor=args.executor, ray_address=args.ray_address,
-                       cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
+                       cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
+                       published=options.get("published"))
     print(f"report: {report} (and {report.with_suffix('.html')})")
     return 0
 

@@ -4,7 +4,10 @@ A config file is TOML (read with the standard library's ``tomllib``), JSON (a ru
 YAML where PyYAML is installed. Its top-level keys are :class:`~pyro_vae.config.Config` fields (the
 ``train`` flags without their dashes, ``latent_dim = 40``); an optional ``[study]`` table holds what
 ``compare`` and ``sweep-beta`` take besides (``priors``, ``betas``, ``latent_dims``, ``seeds``, ``k``).
-Every flag given on the command line overrides the file.
+Every flag given on the command line overrides the file. A ``[study.published]`` table holds the figures a
+paper reports for the same settings, which the study's report sets beside its own: ``source`` (who, where,
+in what units), then one number per prior or beta (``normal = -88.56``), or a table of them by latent size
+(``normal = {2 = -135.73, 5 = -110.21}``).
 
 Recipes ship with the package in ``pyro_vae/recipes/``: ``--config recipes/vampprior-static-mnist.toml``
 (or just ``--config vampprior-static-mnist``) finds one when no such file exists where you are.
@@ -23,7 +26,7 @@ from .errors import PyroVAEError
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 STUDY_OPTIONS = {"priors": (list, str), "betas": (list, (int, float)), "latent_dims": (list, int),
-                 "seeds": (int, None), "k": (int, None)}
+                 "seeds": (int, None), "k": (int, None), "published": (dict, None)}
 
 
 @dataclass
@@ -87,6 +90,9 @@ def read_config_file(name: str | Path) -> ConfigFile:
     for key, value in study.items():
         if key not in STUDY_OPTIONS:
             raise PyroVAEError(f"{path}: unknown [study] option {key!r}; choose from {', '.join(STUDY_OPTIONS)}")
+        if key == "published":
+            check_published(value, path)
+            continue
         outer, inner = STUDY_OPTIONS[key]
         ok = isinstance(value, outer) and not isinstance(value, bool)
         if ok and outer is list:
@@ -95,3 +101,35 @@ def read_config_file(name: str | Path) -> ConfigFile:
             raise PyroVAEError(f"{path}: [study] {key} must be {'a non-empty list' if outer is list else 'an integer'}"
                                f", got {value!r:.60}")
     return ConfigFile(path=path, fields=content, study=study)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+
+
+def check_published(published, path: Path | str = "[study]") -> None:
+    """``[study.published]``: a ``source`` string and, per label, a finite number or a table of latent size
+    (a whole number) -> finite number; one-line errors naming the entry."""
+    if not isinstance(published, dict):
+        raise PyroVAEError(f"{path}: [study.published] must be a table")
+    if not isinstance(published.get("source"), str) or not published["source"].strip():
+        raise PyroVAEError(f"{path}: [study.published] needs a source = \"...\" (who reported the figures, in what units)")
+    for label, value in published.items():
+        if label == "source":
+            continue
+        entries = value.items() if isinstance(value, dict) else [(None, value)]
+        for size, number in entries:
+            if size is not None and not str(size).isdigit():
+                raise PyroVAEError(f"{path}: [study.published] {label}: latent sizes are whole numbers, got {size!r}")
+            if not _number(number):
+                raise PyroVAEError(f"{path}: [study.published] {label}"
+                                   f"{'' if size is None else f' at latent size {size}'} must be a finite number, "
+                                   f"got {number!r:.40}")
+
+
+def published_value(published: dict | None, label: str, latent_dim: int) -> float | None:
+    """The published figure for a label at a latent size (None if the source has none)."""
+    value = (published or {}).get(label)
+    if isinstance(value, dict):
+        value = value.get(str(latent_dim))
+    return None if value is None else float(value)

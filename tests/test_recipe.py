@@ -125,9 +125,13 @@ def test_the_recipe_is_the_papers_setting():
     assert (config.prior, config.prior_components, config.lr, config.batch_size) == ("vamp", 500, 5e-4, 100)
     assert (config.warmup_epochs, config.patience, config.epochs, config.optimizer) == (100.0, 50, 2000,
                                                                                         "adam-normgrad")
+    published = recipe.study.pop("published")
     assert recipe.study == {"priors": ["normal", "mog", "vamp"], "latent_dims": [40], "seeds": 1, "k": 5000}
+    assert (published["normal"], published["mog"], published["vamp"]) == (-88.56, -86.55, -85.57)
+    assert "Tomczak & Welling (2018)" in published["source"]
     svae = read_config_file("svae-static-mnist")
     assert svae.study["priors"] == ["normal", "sphere"] and svae.study["latent_dims"] == [2, 5, 10, 20, 40]
+    assert svae.study["published"]["sphere"]["2"] == -132.50 and svae.study["published"]["normal"]["40"] == -88.93
 
 
 def test_a_config_file_round_trips_and_flags_override_it(tmp_path, digits):
@@ -145,12 +149,20 @@ def test_a_config_file_round_trips_and_flags_override_it(tmp_path, digits):
 
 def test_a_study_reads_its_options_from_the_config_file(tmp_path):
     (tmp_path / "s.toml").write_text('hidden_dim = 16\nhidden_layers = 1\nepochs = 1\n\n[study]\n'
-                                     'priors = ["normal", "laplace"]\nlatent_dims = [2]\nk = 7\n')
+                                     'priors = ["normal", "laplace"]\nlatent_dims = [2]\nk = 7\n\n'
+                                     '[study.published]\nsource = "A. Paper (2020), Table 9"\nnormal = {2 = -99.25}\n'
+                                     'laplace = -98.5\n')
     assert main(["compare", "--config", str(tmp_path / "s.toml"), "--priors", "normal", "--out",
                  str(tmp_path / "out"), "--quiet"]) == 0
     assert [p.name for p in (tmp_path / "out" / "runs").iterdir()] == ["normal-z2-s0"]  # the flag wins
     metrics = json.loads((tmp_path / "out" / "runs" / "normal-z2-s0" / "metrics.json").read_text())
     assert metrics["num_particles"] == 7  # the file's [study] k
+    report = (tmp_path / "out" / "report.md").read_text()  # the paper's figure beside the study's own
+    assert "Published figures beside ours: A. Paper (2020), Table 9" in report
+    header, row = [line for line in report.splitlines() if line.startswith("| ")][:2]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["published"] == "-99.25" and cells["epochs (best), s/epoch"].startswith("1/1 (best 1), ")
+    assert json.loads((tmp_path / "out" / "study.json").read_text())["published"]["normal"] == {"2": -99.25}
 
 
 @pytest.mark.parametrize("text,words", [
@@ -158,6 +170,9 @@ def test_a_study_reads_its_options_from_the_config_file(tmp_path):
     ('latent_dim = "three"', "latent_dim must be an integer"), ("lr = -1.0", "lr must be > 0"),
     ("[study]\npriors = []", "[study] priors must be a non-empty list"),
     ("[study]\ncolour = 1", "unknown [study] option 'colour'"), ("= = =", "not a valid TOML file"),
+    ("[study.published]\nnormal = -88.5", "[study.published] needs a source"),
+    ('[study.published]\nsource = "x"\nnormal = "high"', "[study.published] normal must be a finite number"),
+    ('[study.published]\nsource = "x"\nnormal = {two = 1.0}', "latent sizes are whole numbers, got 'two'"),
 ])
 def test_bad_config_files_are_one_line(text, words, tmp_path, capsys):
     (tmp_path / "bad.toml").write_text(text)

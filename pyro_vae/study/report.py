@@ -41,6 +41,16 @@ def metric_row(out: Path, setting: Setting) -> dict:
     return row
 
 
+def budget(out: Path, setting: Setting) -> str:
+    """What the budget reached: epochs trained (of the most allowed), the best epoch, the median seconds
+    an epoch took, from run.json and history.json."""
+    files = RunFiles(out / "runs" / setting.name)
+    info, history = files.read_info(), files.read_history()
+    seconds = float(np.median([r["seconds"] for r in history])) if history else float("nan")
+    return (f"{info.get('epochs_completed', len(history))}/{setting.config.epochs} (best {info.get('best_epoch')}), "
+            f"{seconds:.1f} s")
+
+
 COLUMNS = [  # (key, header, format)
     ("loglik", "log p(x)", "{:.2f}"), ("paired", "vs first (paired)", None),
     ("train_loglik", "log p(x) train", "{:.2f}"), ("elbo", "ELBO", "{:.2f}"),
@@ -49,8 +59,9 @@ COLUMNS = [  # (key, header, format)
     ("hole_score", "hole score", "{:.3f}"), ("fd_prior", "FD prior samples", "{:.1f}"),
     ("fd_ex_post", "FD ex-post samples", "{:.1f}"), ("conf_prior", "confidence (prior samples)", "{:.2f}"),
     ("sharp_recon", "sharpness recon.", "{:.2f}"), ("sharp_samples", "sharpness samples", "{:.2f}"),
-    ("health", "health", None),
+    ("budget", "epochs (best), s/epoch", None), ("health", "health", None),
 ]
+DERIVED = ("paired", "published", "budget", "health")  # columns not read from metrics.json
 
 
 def _cell(values: list[float], fmt: str, se: list[float] | None = None) -> str:
@@ -69,13 +80,20 @@ def _paired(out: Path, a: Setting, b: Setting) -> np.ndarray:
     return lb - la
 
 
-def table(out: Path, settings: list[Setting], latent_dim: int) -> tuple[list[str], list[list[str]]]:
-    """The report's table for one latent size: a row per label, seeds pooled."""
+def table(out: Path, settings: list[Setting], latent_dim: int,
+          published: dict | None = None) -> tuple[list[str], list[list[str]]]:
+    """The report's table for one latent size: a row per label, seeds pooled; a ``published`` column
+    where the study's ``[study.published]`` has figures at this size."""
+    from ..config_file import published_value
+
     group = [s for s in settings if s.latent_dim == latent_dim]
     labels = list(dict.fromkeys(s.label for s in group))
     rows_by_label = {lab: [s for s in group if s.label == lab] for lab in labels}
     metrics = {s.name: metric_row(out, s) for s in group}
-    columns = [c for c in COLUMNS if c[0] in ("paired", "health") or all(c[0] in metrics[s.name] for s in group)]
+    paper = {lab: published_value(published, lab, latent_dim) for lab in labels}
+    columns = [c for c in COLUMNS if c[0] in DERIVED or all(c[0] in metrics[s.name] for s in group)]
+    if any(v is not None for v in paper.values()):
+        columns.insert(1, ("published", "published", "{:.2f}"))
     header = ["", *[c[1] for c in columns]]
     body = []
     reference = rows_by_label[labels[0]]
@@ -83,6 +101,12 @@ def table(out: Path, settings: list[Setting], latent_dim: int) -> tuple[list[str
         runs = rows_by_label[lab]
         cells = [lab]
         for key, _, fmt in columns:
+            if key == "published":
+                cells.append("—" if paper[lab] is None else fmt.format(paper[lab]))
+                continue
+            if key == "budget":
+                cells.append("; ".join(budget(out, r) for r in runs))
+                continue
             if key == "health":
                 problems = sorted({w.split(":")[0] for r in runs for w in health(out, r)})
                 cells.append("⚠ " + ", ".join(problems) if problems else "ok")
@@ -113,9 +137,10 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> str:
 
 
 def write_report(kind: str, settings: list[Setting], out: Path, command: str = "",
-                 failures: dict[str, str] | None = None) -> Path:
+                 failures: dict[str, str] | None = None, published: dict | None = None) -> Path:
     """report.md and report.html, with figures in ``out/figures``; ``failures`` (name -> error) are the
-    settings whose runs failed, listed instead of reported."""
+    settings whose runs failed, listed instead of reported; ``published``: a paper's figures to set beside
+    the study's (:func:`pyro_vae.config_file.check_published`)."""
     import markdown
 
     figures = out / "figures"
@@ -131,18 +156,22 @@ def write_report(kind: str, settings: list[Setting], out: Path, command: str = "
         f"seeds per setting: {len({s.seed for s in settings})}.",
         "",
         "Columns: test log p(x) (importance-weighted, ± standard error; with several seeds ± sd across seeds); "
-        f"the paired per-test-point difference to the first {what} (± standard error); the same bound on up to "
+        + ("the published figure for the same setting; " if published else "")
+        + f"the paired per-test-point difference to the first {what} (± standard error); the same bound on up to "
         "1000 training images (far above the test figure: overfitting; both low: under-fitting); ELBO; rate "
         "KL(q(z|x)‖p(z)); distortion -E log p(x|z); active units; the mutual information and marginal KL of "
         "the aggregate posterior (ELBO surgery: rate = I + marginal KL); the prior-hole score (share of prior "
         "draws where the aggregate posterior has less density than at 99% of the data's codes); Frechet "
         "distance of decoded samples to test images in a reference classifier's feature space (prior samples, "
         "and ex-post Gaussian-mixture samples); the classifier's mean confidence on prior samples; sharpness "
-        "(image-gradient energy over the data's: 1 = as sharp as the data).",
+        "(image-gradient energy over the data's: 1 = as sharp as the data); the epochs trained of the most "
+        "allowed, the best (selected) epoch and the median seconds an epoch took.",
         "",
     ]
+    if published:
+        lines += [f"Published figures beside ours: {published['source']}", ""]
     for d in dict.fromkeys(s.latent_dim for s in settings):
-        header, body = table(out, settings, d)
+        header, body = table(out, settings, d, published)
         lines += [f"## Latent size {d}", "", _markdown_table(header, body), ""]
         seed = min(s.seed for s in settings if s.latent_dim == d)  # the first seed that finished at this size
         group = [s for s in settings if s.latent_dim == d and s.seed == seed]

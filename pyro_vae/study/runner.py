@@ -16,7 +16,7 @@ from .settings import Setting, stale_fields
 
 def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1000, progress: bool = True,
               command: str = "", restart: bool = False, executor: str = "local", ray_address: str | None = None,
-              cpus_per_run: int | None = None, gpus_per_run: float = 0.0) -> Path:
+              cpus_per_run: int | None = None, gpus_per_run: float = 0.0, published: dict | None = None) -> Path:
     """Train and evaluate every setting (skipping finished ones, resuming interrupted ones), then write
     the report. A run already in ``out`` is reused only if its config.json equals the setting's config;
     otherwise the study stops and names the fields that differ, before any work (``restart=True``
@@ -26,7 +26,9 @@ def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1
     cluster at ``ray_address`` or a local one; see :mod:`pyro_vae.study.executors`), each run pinned to
     ``cpus_per_run`` threads (and ``gpus_per_run`` GPUs under Ray). Under Ray a failed run is reported
     with its error while the others finish; the report covers the finished ones and the study then
-    fails naming the others."""
+    fails naming the others. ``published``: a paper's figures for the same settings (a config file's
+    ``[study.published]``, see :mod:`pyro_vae.config_file`), set beside the study's own in the report."""
+    from ..config_file import check_published
     from .executors import EXECUTORS, run_local, run_ray
     from .report import write_report
 
@@ -38,6 +40,8 @@ def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1
     if cpus_per_run is not None and cpus_per_run < 1 or gpus_per_run < 0:
         raise PyroVAEError("--cpus-per-run must be >= 1 and --gpus-per-run >= 0")
     check_settings(settings, k)
+    if published is not None:
+        check_published(published)
     stale = [s for s in settings if stale_fields(out, s)]
     if stale and not restart:
         first = stale[0]
@@ -50,14 +54,15 @@ def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1
     atomic_write_json(out / "study.json", {"kind": kind, "command": command, "k": k,
                                            "settings": [{"name": s.name, "label": s.label, "latent_dim": s.latent_dim,
                                                          "seed": s.seed, "config": s.config.to_dict()}
-                                                        for s in settings]})
+                                                        for s in settings],
+                                           **({"published": published} if published else {})})
     if executor == "ray":
         failures = run_ray(out, settings, k, address=ray_address, cpus=cpus_per_run or 1, gpus=gpus_per_run,
                            progress=progress)
     else:
         failures = run_local(out, settings, k, cpus_per_run, progress)
     finished = [s for s in settings if s.name not in failures]
-    report = write_report(kind, finished, out, command, failures=failures) if finished else None
+    report = write_report(kind, finished, out, command, failures=failures, published=published) if finished else None
     if failures:
         raise PyroVAEError(f"{len(failures)} of {len(settings)} runs failed ("
                            + "; ".join(f"{name}: {error}" for name, error in failures.items())
