@@ -114,14 +114,14 @@ def test_torch_compile_gives_the_eager_loss_and_gradients(digits):
 def test_long_runs_train_compiled_and_resume_to_the_same_result(digits, tmp_path, monkeypatch):
     """A run of COMPILE_MIN_STEPS steps or more compiles the direct ELBO with torch.compile (not with a
     prior the compilers are not known to get right); interrupted and resumed, it ends where a run
-    trained straight through ends."""
+    trained straight through, uncompiled, ends."""
     from pyro_vae import resume
     from pyro_vae.inference import step as step_module
 
-    monkeypatch.setattr(step_module, "COMPILE_MIN_STEPS", 20)  # the tiny run has 12 steps an epoch
     cfg = tiny_config(epochs=2)
-    straight = train(cfg, tmp_path / "straight", data=digits, progress=False)
-    assert straight.info["compiler"] == "torch.compile" and straight.info["compiled"]
+    straight = train(cfg, tmp_path / "straight", data=digits, progress=False)  # 24 steps: not compiled
+    assert straight.info["compiler"] is None and "24 training steps" in straight.info["not_compiled_because"]
+    monkeypatch.setattr(step_module, "COMPILE_MIN_STEPS", 20)
 
     def interrupt(epoch, record):
         raise KeyboardInterrupt
@@ -129,8 +129,9 @@ def test_long_runs_train_compiled_and_resume_to_the_same_result(digits, tmp_path
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", data=digits, progress=False, on_epoch_end=interrupt)
     resumed = resume(tmp_path / "cut", data=digits, progress=False)
-    assert resumed.info["compiler"] == "torch.compile"
+    assert resumed.info["compiler"] == "torch.compile" and resumed.info["compiled"]
+    # compiled and not, the same loss to rounding: the same training path, here across an interruption
     assert [r["valid_elbo"] for r in resumed.history] == pytest.approx([r["valid_elbo"] for r in straight.history],
-                                                                        abs=1e-4)
+                                                                        abs=1e-3)
     flow = train(tiny_config(epochs=2, prior="flow"), tmp_path / "flow", data=digits, progress=False)
     assert flow.info["elbo"] == "DirectELBO" and "flow" in flow.info["not_compiled_because"]
