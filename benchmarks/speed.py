@@ -386,6 +386,8 @@ def main():
     for name, compiled in (("epoch", False), ("epoch-compiled", True)):
         if name in args.only:
             results[name] = summarize(end_to_end(data, device, args, compiled), args.repeats)
+    for r in results.values():
+        r["train_images"], r["command"] = args.train_images, "benchmarks/speed.py " + " ".join(sys.argv[1:])
     for name, r in results.items():
         med = r["median_seconds"]
         print(f"{name:12s} pyro-vae {med['pyro-vae']:.3f} s   twin {med['plain']:.3f} s   ratio {r['ratio']:.3f} "

@@ -12,8 +12,13 @@ its exponential would be a subnormal number or zero, which the vectorised exp of
 term adds at most exp(log(tiny) + 1), about 3e-38 in float32, relative to the largest term, which is 1:
 nothing a float32 sum can hold; its gradient (at most as small) becomes 0. Mixture log-densities (500
 components, most far from a given z) and importance weights (thousands of draws spread over hundreds
-of nats) are exactly where most terms underflow. A 100 x 500 logsumexp with most terms underflowing,
-forward and backward: 1.73 ms with torch.logsumexp, 0.67 ms with this (0.36 and 0.65 ms where none do).
+of nats) are exactly where most terms underflow.
+
+It is one autograd function with its own backward, d/dx_k = exp(x_k - lse) (the softmax, kept from the
+forward pass): a 100 x 500 logsumexp is a handful of passes over 50,000 numbers, each of which costs tens
+of microseconds on a CPU whatever its arithmetic, so the number of passes is the cost. Forward and
+backward with most terms underflowing: 1.73 ms with torch.logsumexp, about 0.5 ms with this. Its
+gradient is not differentiable again (``once_differentiable``: a second derivative raises).
 -inf, +inf and NaN behave as in ``torch.logsumexp``.
 """
 
@@ -22,13 +27,33 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
+
+
+class _FlooredLogSumExp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
+        low = math.log(torch.finfo(x.dtype).tiny) + 1.0
+        m = x.amax(dim, keepdim=True)
+        empty = m == -math.inf  # a row of -inf: log 0
+        m = m.masked_fill(~torch.isfinite(m), 0.0)  # such a row, or one with +inf: shift by 0, as torch does
+        terms = (x - m).clamp_(min=low).exp_()  # NaN stays NaN; -inf and the underflowing are raised to low
+        total = terms.sum(dim, keepdim=True)
+        ctx.dim = dim
+        ctx.save_for_backward(terms, total)
+        return (total.log() + m).masked_fill_(empty, -math.inf).squeeze(dim)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        terms, total = ctx.saved_tensors
+        return terms / total * grad.unsqueeze(ctx.dim), None
 
 
 def logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     """log sum exp(x) over ``dim`` (removed), as ``torch.logsumexp``, with the terms that would underflow
     raised to the smallest normal exponential."""
-    floor = x.detach().amax(dim, keepdim=True) + (math.log(torch.finfo(x.dtype).tiny) + 1.0)
-    return torch.logsumexp(torch.maximum(x, floor), dim)  # -inf rows stay -inf, NaN stays NaN
+    return _FlooredLogSumExp.apply(x, dim)
 
 
 __all__ = ["logsumexp"]

@@ -38,6 +38,11 @@ def test_fast_mixture_density_and_gradients_equal_mixture_same_family(k, d, batc
     grads_slow = torch.autograd.grad(lp_slow.sum(), (z, logits, loc, scale))
     for a, b in zip(grads_fast, grads_slow):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    log_scale = scale.detach().log().requires_grad_()  # the learned mixture's parameterisation
+    lp_log = DiagonalNormalMixture(logits, loc, log_scale=log_scale).log_prob(z)
+    assert torch.allclose(lp_log, lp_slow, atol=1e-5, rtol=0)
+    g_log, = torch.autograd.grad(lp_log.sum(), log_scale)
+    assert torch.allclose(g_log, grads_slow[3] * scale.detach(), atol=1e-5, rtol=1e-5)  # d/dlog s = s d/ds
 
 
 def test_float32_error_stays_within_its_documented_bound():

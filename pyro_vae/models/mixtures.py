@@ -11,6 +11,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
+from torch.distributions.utils import lazy_property
 from torch import nn
 
 from ..config import Config
@@ -47,14 +48,29 @@ class DiagonalNormalMixture(dist.TorchDistribution):
     support = constraints.real_vector
     has_rsample = False
 
-    def __init__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, validate_args=None,
-                 compute_dtype: torch.dtype | None = None):
-        if loc.dim() != 2 or scale.shape != loc.shape or logits.shape != loc.shape[:1]:
+    def __init__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor | None = None, validate_args=None,
+                 compute_dtype: torch.dtype | None = None, *, log_scale: torch.Tensor | None = None):
+        if (scale is None) == (log_scale is None):
+            raise ValueError("give the components' scale or their log_scale, not both")
+        given = scale if scale is not None else log_scale
+        if loc.dim() != 2 or given.shape != loc.shape or logits.shape != loc.shape[:1]:
             raise ValueError(f"expected logits (K,), loc and scale (K, d); got {tuple(logits.shape)}, "
-                             f"{tuple(loc.shape)}, {tuple(scale.shape)}")
-        self.logits, self.loc, self.scale = logits, loc, scale
+                             f"{tuple(loc.shape)}, {tuple(given.shape)}")
+        self.logits, self.loc = logits, loc
+        if scale is not None:
+            self.scale = scale
+        else:  # a learned log-scale (the mixture of Gaussians): no exp and log back on every step
+            self.log_scale = log_scale
         self.compute_dtype = compute_dtype
         super().__init__(torch.Size(), loc.shape[-1:], validate_args=validate_args)
+
+    @lazy_property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp()
+
+    @lazy_property
+    def log_scale(self) -> torch.Tensor:
+        return self.scale.log()
 
     @property
     def num_components(self) -> int:
@@ -63,10 +79,10 @@ class DiagonalNormalMixture(dist.TorchDistribution):
     def component_log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """log w_k + log N(value; mu_k, s_k) for every component: shape value.shape[:-1] + (K,)."""
         compute = self.compute_dtype or torch.promote_types(value.dtype, self.loc.dtype)
-        z, loc, scale = value.to(compute), self.loc.to(compute), self.scale.to(compute)
-        precision = scale.pow(-2)                                             # (K, d)
-        const = (torch.log_softmax(self.logits.to(compute), -1) - 0.5 * (loc.pow(2) * precision).sum(-1)
-                 - scale.log().sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi))
+        z, loc, log_scale = value.to(compute), self.loc.to(compute), self.log_scale.to(compute)
+        precision = (-2.0 * log_scale).exp()                                  # (K, d)
+        const = (torch.log_softmax(self.logits.to(compute), -1) - 0.5 * (loc * loc * precision).sum(-1)
+                 - log_scale.sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi))
         flat = z.reshape(-1, z.shape[-1])
         # const + z @ (mu P)^T - 1/2 (z*z) @ P^T, (n, K): two GEMMs that accumulate into one output
         quad = torch.addmm(torch.addmm(const, flat, (loc * precision).T), flat * flat, precision.T, alpha=-0.5)
@@ -127,7 +143,7 @@ class MixtureOfGaussians(Prior):
         return dist.Normal(self.means, self.log_scales.exp()).to_event(1)
 
     def forward(self):
-        return DiagonalNormalMixture(self.logits, self.means, self.log_scales.exp())
+        return DiagonalNormalMixture(self.logits, self.means, log_scale=self.log_scales)
 
 
 class EnumeratedMixture(MixtureOfGaussians):
