@@ -13,6 +13,9 @@ its files' formats.
     figures/                samples, reconstructions, learning curves, latent space
 
 Every file is written to a temporary name and renamed into place, so a file that exists is complete.
+During training, each epoch's files are written by a worker thread (:class:`BackgroundWrites`) while
+the next epoch trains, from copies taken at the end of the epoch; the loop waits for them before it
+finishes, stops or reports.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import io
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import (_UMASK, BackgroundWrites, atomic_path, atomic_torch_save, atomic_write_bytes,  # noqa: F401
+                     atomic_write_json, detached_copy, json_bytes)
 from .config import Config
 from .errors import PyroVAEError
 
@@ -41,46 +45,6 @@ CONFIG, INFO, HISTORY, WEIGHTS, CHECKPOINT, FIGURES = (
 METRICS, PER_POINT = "metrics.json", "loglik_per_point.npy"
 LOCK = ".lock"  # held (flock) by the process training the run
 OBJECT_PRIOR = "<object>"  # config.json's name for a prior given as an object that cannot be imported by name
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary file name beside ``path``; on success it is synced and renamed to ``path``,
-    on failure removed: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_UMASK)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(data)
-
-
-def atomic_write_json(path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_torch_save(path, obj: Any) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def read_json(path) -> Any:
@@ -123,6 +87,7 @@ class RunFiles:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.writes = BackgroundWrites()
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -163,7 +128,9 @@ class RunFiles:
         return dim, shape, binary
 
     def set_status(self, info: dict, status: str, **fields) -> dict:
-        """Update ``info`` with the status and fields, and write it as run.json."""
+        """Update ``info`` with the status and fields, and write it as run.json (after any epoch files still
+        being written, which would otherwise overwrite it)."""
+        self.writes.wait()
         info.update(status=status, **fields)
         atomic_write_json(self.path / INFO, info)
         return info
@@ -201,6 +168,18 @@ class RunFiles:
             return Checkpoint(**state)
         except (TypeError, KeyError, AttributeError):
             raise PyroVAEError(f"{self.path / CHECKPOINT}: not a pyro-vae checkpoint") from None
+
+    def save_epoch(self, info: dict, history: list, checkpoint: Checkpoint, best: bool, **status) -> None:
+        """An epoch's files, written in the background (:class:`BackgroundWrites`) in this order: model.pt
+        (when the epoch is the ``best`` so far), history.json, checkpoint.pt, then run.json with ``info``
+        updated by ``status``; everything is copied first, so training may go on at once. ``info`` is
+        updated now, in the caller's dict."""
+        info.update(**status)
+        state = detached_copy(checkpoint.__dict__)
+        files = [(self.path / WEIGHTS, state["model"])] if best else []
+        files += [(self.path / HISTORY, json_bytes(history)), (self.path / CHECKPOINT, state),
+                  (self.path / INFO, json_bytes(info))]
+        self.writes.submit(files)
 
     def has_checkpoint(self) -> bool:
         return (self.path / CHECKPOINT).is_file()

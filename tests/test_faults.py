@@ -417,3 +417,69 @@ def test_resuming_with_the_prior_object_imports_nothing(tmp_path, monkeypatch, d
         train_distributed(RunFiles(tmp_path / "run").read_config(), tmp_path / "run", devices=2, resume=True,
                           data=digits, progress=False)
     assert not marker.exists()
+
+
+def test_a_failed_background_write_fails_the_run_and_leaves_no_half_file(digits, tmp_path, monkeypatch):
+    """Each epoch's checkpoint is written by a worker thread: a write that fails there (a full disk) fails the
+    run in the training thread with that error, run.json says so, and the files on disk are whole ones."""
+    import pyro_vae.atomic as atomic
+
+    write = atomic.atomic_torch_save
+
+    def fail_on_the_second_checkpoint(path, obj):
+        if path.name == "checkpoint.pt" and (path.parent / "checkpoint.pt").exists():
+            with atomic.atomic_path(path) as tmp:
+                open(tmp, "wb").write(b"half")
+                raise OSError(28, "No space left on device")
+        write(path, obj)
+
+    monkeypatch.setattr(atomic, "atomic_torch_save", fail_on_the_second_checkpoint)
+    with pytest.raises(OSError, match="No space left"):
+        train(tiny_config(epochs=4), tmp_path / "run", data=digits, progress=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "failed" and "No space left on device" in info["error"]
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+    monkeypatch.setattr(atomic, "atomic_torch_save", write)
+    resumed = resume(tmp_path / "run", data=digits, progress=False)  # from the last checkpoint that was written
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4] and resumed.info["status"] == "finished"
+
+
+def test_an_epoch_is_saved_as_it_was_when_it_ended(tmp_path):
+    """The background writer works from copies: what changes after save_epoch returns is not written."""
+    from pyro_vae.run_dir import Checkpoint, RunFiles
+
+    files = RunFiles(tmp_path)
+    weight = torch.zeros(1000, 100)
+    history = [{"epoch": 1, "valid_elbo": -1.0}]
+    info = {"name": "x"}
+    files.save_epoch(info, history, Checkpoint(model={"w": weight}, optim={"state": {0: {"exp_avg": weight}}},
+                                               rng={"cpu": torch.get_rng_state(), "cuda": None}, epoch=1,
+                                               history=history, best=-1.0, best_epoch=1, stale=0),
+                     best=True, status="running", epochs_completed=1)
+    weight.fill_(float("nan"))  # the next optimizer step, in place
+    history.append({"epoch": 2, "valid_elbo": 0.0})
+    files.writes.wait()
+    assert info["status"] == "running" and info["epochs_completed"] == 1
+    assert json.loads((tmp_path / "run.json").read_text()) == info | {"epochs_completed": 1}
+    assert json.loads((tmp_path / "history.json").read_text()) == history[:1]
+    saved = files.load_checkpoint()
+    assert saved.epoch == 1 and saved.history == history[:1]
+    assert torch.equal(saved.model["w"], torch.zeros(1000, 100))
+    assert torch.equal(saved.optim["state"][0]["exp_avg"], torch.zeros(1000, 100))
+    assert torch.equal(files.load_weights()["w"], torch.zeros(1000, 100))
+
+
+def test_ctrl_c_while_the_writer_starts_is_held_until_it_has_started():
+    """Python 3.11 can raise KeyboardInterrupt inside Thread.start() and its join() can then mistake a running
+    writer for a finished one; the writer's start holds the signal and raises it once the start is recorded."""
+    import signal
+
+    from pyro_vae.atomic import _signals_held
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with _signals_held():
+            signal.raise_signal(signal.SIGINT)
+            reached.append("after the signal")
+    assert reached == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -82,7 +82,8 @@ def train(config: Config, out: str | os.PathLike | None = None, *, data: Dataset
     """Train a VAE as ``config`` describes and write its run directory (default ``runs/<name>-<time>``).
 
     Every check on the input runs before anything is written. ``prior`` (an object) overrides
-    ``config.prior``; ``on_epoch_end(epoch, record)`` is called after each epoch's checkpoint."""
+    ``config.prior``; ``on_epoch_end(epoch, record)`` is called after each epoch, once its files are handed to the
+    background writer (they are on disk when this returns or raises)."""
     if prior is not None:
         ref = prior_reference(prior)
         args = config.prior_args if inspect.isfunction(prior) or inspect.isclass(prior) else ref.args
@@ -250,19 +251,20 @@ def _select_and_save(vae: VAE, step: TrainingStep, config: Config, files: RunFil
     step.end_epoch(score)
     state.history.append(record)
     epoch = record["epoch"]
-    if score > state.best:
+    improved = score > state.best
+    if improved:
         state.best, state.best_epoch, state.stale = score, epoch, 0
-        files.save_weights(vae.state_dict())
     elif epoch > config.warmup_epochs:  # the objective still moves during warm-up: patience starts after it
         state.stale += 1
-    files.write_history(state.history)
     device = vae.device
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    files.save_checkpoint(Checkpoint(model=vae.state_dict(), optim=step.state_dict(), rng=rng, epoch=epoch,
-                                     history=state.history, best=state.best, best_epoch=state.best_epoch,
-                                     stale=state.stale))
     selected_by = "validation ELBO" if config.beta == 1.0 else f"validation beta-ELBO (beta={config.beta:g})"
-    files.set_status(info, "running", epochs_completed=epoch, best_epoch=state.best_epoch,
+    # written by a worker thread while the next epoch trains; _loop waits for it before it finishes or stops
+    files.save_epoch(info, state.history,
+                     Checkpoint(model=vae.state_dict(), optim=step.state_dict(), rng=rng, epoch=epoch,
+                                history=state.history, best=state.best, best_epoch=state.best_epoch,
+                                stale=state.stale),
+                     best=improved, status="running", epochs_completed=epoch, best_epoch=state.best_epoch,
                      best_valid_elbo=state.history[state.best_epoch - 1]["valid_elbo"], selected_by=selected_by)
 
 
@@ -329,8 +331,14 @@ def _loop(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict, 
         outcome = "interrupted"
         raise
     finally:
-        bar.close()
-        tracker.close(outcome)
+        try:
+            files.writes.wait()  # the last epoch's files are on disk before anything reports or reads them
+        except BaseException:
+            outcome = "failed"
+            raise
+        finally:
+            bar.close()
+            tracker.close(outcome)
     return _finish(vae, config, data, files, info, held_out["test"], stopped_early)
 
 
