@@ -207,7 +207,8 @@ def _health_section(out: Path, settings: list[Setting]) -> list[str]:
                   ""]
         lines += [f"- **{s.name}**: {w}" for s, w in flagged]
     else:
-        lines.append("- Every run finished, none collapsed, and each stopped early or before its last epoch.")
+        lines.append(("- Every run finished and none collapsed; each reached its best validation score before its last "
+                     "epoch (a run whose best epoch is its last is flagged: not converged)."))
     first = RunFiles(out / "runs" / settings[0].name).read_metrics()
     n = first["aggregate_posterior"]["num_points"]
     lines += ["", f"- The aggregate posterior q(z) = (1/N) sum_n q(z|x_n) uses the first N = {n} test points, and so "
