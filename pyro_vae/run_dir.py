@@ -172,14 +172,15 @@ class RunFiles:
     def save_epoch(self, info: dict, history: list, checkpoint: Checkpoint, best: bool, **status) -> None:
         """An epoch's files, written in the background (:class:`BackgroundWrites`) in this order: model.pt
         (when the epoch is the ``best`` so far), history.json, checkpoint.pt, then run.json with ``info``
-        updated by ``status``; everything is copied first, so training may go on at once. ``info`` is
-        updated now, in the caller's dict."""
-        info.update(**status)
+        updated by ``status``; everything is copied first, so training may go on at once. The caller's
+        ``info`` takes ``status`` once they are written (at the next ``save_epoch`` or ``set_status``, which
+        wait for them), never before: a run stopped or failed meanwhile records the last epoch on disk."""
+        self.writes.wait()
         state = detached_copy(checkpoint.__dict__)
         files = [(self.path / WEIGHTS, state["model"])] if best else []
         files += [(self.path / HISTORY, json_bytes(history)), (self.path / CHECKPOINT, state),
-                  (self.path / INFO, json_bytes(info))]
-        self.writes.submit(files)
+                  (self.path / INFO, json_bytes({**info, **status}))]
+        self.writes.submit(files, then=lambda: info.update(**status))
 
     def has_checkpoint(self) -> bool:
         return (self.path / CHECKPOINT).is_file()

@@ -332,7 +332,10 @@ def _loop(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict, 
         raise
     finally:
         try:
-            files.writes.wait()  # the last epoch's files are on disk before anything reports or reads them
+            files.writes.wait()  # the last epoch's files are on disk before the run finishes or stops
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+            raise
         except BaseException:
             outcome = "failed"
             raise
