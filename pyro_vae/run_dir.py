@@ -15,7 +15,7 @@ its files' formats.
 Every file is written to a temporary name and renamed into place, so a file that exists is complete.
 During training, each epoch's files are written by a worker thread (:class:`BackgroundWrites`) while
 the next epoch trains, from copies taken at the end of the epoch; the loop waits for them before it
-finishes, stops or reports.
+finishes or stops, and run.json's record names an epoch only once its files are written.
 """
 
 from __future__ import annotations
