@@ -34,6 +34,8 @@ from pyro import poutine
 from torch.distributions import kl_divergence
 
 from ..errors import PyroVAEError
+from ..models.guides import AmortizedGuide
+from ..models.likelihoods import Likelihood
 from ..numerics import logsumexp
 
 DIRECT_OBJECTIVES = ("trace", "analytic", "iwae")
@@ -59,15 +61,25 @@ def why_not_direct(vae, x: torch.Tensor | None = None) -> str | None:
 def direct_log_weights(vae, x: torch.Tensor, num_particles: int | None = None, beta=1.0,
                        analytic: bool = False) -> torch.Tensor:
     """w_k(x_n) as in the module docstring, differentiable: shape (K, N), or (N,) for ``num_particles=None``
-    (one draw, as Pyro's ELBOs make for K = 1)."""
-    q = vae.guide_dist(x)                                                   # batch (N,), event (d,)
-    draw = q.rsample if q.has_rsample else q.sample  # (a guide without rsample is only evaluated, never trained)
-    z = draw() if num_particles is None else draw((num_particles,))
-    log_w = vae.likelihood(vae.decoder(z)).log_prob(x)
-    p = vae.prior()
-    if analytic:
-        return log_w - beta * kl_divergence(q, p)
-    return log_w + beta * (p.log_prob(z) - q.log_prob(z))
+    (one draw, as Pyro's ELBOs make for K = 1).
+
+    The densities come from the parts' tensor functions where they have them, the distributions'
+    ``log_prob`` otherwise: the guide's ``rsample_with_log_prob`` (the diagonal Normal's writes log q in
+    the draw's noise), the prior's ``log_density`` (N(0, I) by hand) and the likelihood's ``log_density``
+    (Bernoulli as BCE with logits); each is the same number as the distribution's, by fewer operations."""
+    shape = torch.Size() if num_particles is None else torch.Size([num_particles])
+    guide = vae.guide_dist
+    if analytic or not isinstance(guide, AmortizedGuide):
+        q = guide(x)                                                        # batch (N,), event (d,)
+        z = q.rsample(shape) if q.has_rsample else q.sample(shape)  # (a guide without rsample is only evaluated)
+        log_q = None if analytic else q.log_prob(z)
+    else:
+        z, log_q = guide.rsample_with_log_prob(x, shape)
+    out = vae.decoder(z)
+    likelihood = vae.likelihood
+    log_w = likelihood.log_density(out, x) if isinstance(likelihood, Likelihood) else likelihood(out).log_prob(x)
+    kl = kl_divergence(q, vae.prior()) if analytic else log_q - vae.prior.log_density(z)
+    return log_w - (kl if isinstance(beta, (int, float)) and beta == 1 else beta * kl)
 
 
 class DirectELBO:
@@ -84,7 +96,7 @@ class DirectELBO:
         log_w = direct_log_weights(self.vae, x, None if k == 1 else k, beta, analytic=self.objective == "analytic")
         if self.objective == "iwae" and k > 1:
             return -(logsumexp(log_w, 0) - math.log(k)).sum()
-        return -log_w.sum() / k
+        return -log_w.sum() if k == 1 else -log_w.sum() / k
 
 
 __all__ = ["DirectELBO", "direct_log_weights", "why_not_direct", "DIRECT_OBJECTIVES"]

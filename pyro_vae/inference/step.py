@@ -68,6 +68,7 @@ class TrainingStep:
 
     def __init__(self, vae, config: Config, weight: KLWeight, jit: bool | None = None, steps: int | None = None):
         self.weight = weight
+        self._beta = 1.0 if weight.constant_one else weight.tensor  # (beta = 1 throughout: no multiplication)
         probe = torch.zeros(1, vae.data_dim, device=vae.device)  # the guide's family, at any input
         self.not_direct = "--elbo pyro" if config.elbo == "pyro" else why_not_direct(vae, probe)
         self.direct = DirectELBO(vae, config.objective, config.num_particles) if self.not_direct is None else None
@@ -104,7 +105,7 @@ class TrainingStep:
             return self.elbo.loss_and_grads(self.model, self.guide, x, *self.extra)
         compiled = self._compiled is not None and x.shape[0] == self.compile_batch  # a smaller last batch: eager
         with pyro.validation_enabled(False):  # the distributions' argument checks cost a tenth of a small step and
-            loss = (self._compiled if compiled else self.direct)(x, self.weight.tensor)  # break a compiled graph;
+            loss = (self._compiled if compiled else self.direct)(x, self._beta)  # break a compiled graph;
         loss.backward()  # a NaN shows in the loss, which the training loop checks after every step
         return loss.item()
 

@@ -16,6 +16,9 @@ to probe a prior with ``getattr``:
     needs_guide      True when the prior is made of the guide (the VampPrior): :meth:`attach` is
                      called with the guide before the first ``forward()``.
     preferred_guide  the guide family ``--guide auto`` picks (None: chosen from the support).
+    log_density(z)   log p(z) as a tensor function of z (default: ``forward().log_prob(z)``); a prior may
+                     compute the same numbers with fewer operations (N(0, I) does), which the direct
+                     ELBO uses.
 
 A user's prior needs none of this: :func:`as_prior` adapts a distribution, a module returning one,
 or a function of no arguments returning one. A plain module is made a :class:`Prior` in place (its
@@ -50,6 +53,10 @@ class Prior(nn.Module):
         """The distribution the training model samples z from. Default: p(z) itself. An enumerated
         prior samples its discrete site here and returns p(z | c)."""
         return self()
+
+    def log_density(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z), the event dimension summed. Default: ``self().log_prob(z)``."""
+        return self().log_prob(z)
 
     def attach(self, guide: nn.Module) -> None:
         """Receive the guide (only called when ``needs_guide``). Default: nothing to do."""

@@ -10,6 +10,8 @@ categorical. :func:`build_guide` chooses and checks.
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
@@ -22,9 +24,29 @@ from .base import Prior
 from .supports import bijection, reachable, unwrap_mixture
 
 MIN_SCALE = 1e-4
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-class DiagonalNormal(nn.Module):
+class GuideFamily(nn.Module):
+    """The base of a guide family: ``forward(h)`` turns the encoder's output h into q(z | x), a Pyro
+    distribution with event shape (m,); ``location(h)`` is its centre; ``num_inputs`` the size of h."""
+
+    num_inputs: int
+
+    def forward(self, h: torch.Tensor) -> dist.Distribution:  # pragma: no cover - every family defines it
+        raise NotImplementedError(f"{type(self).__name__} must return q(z | x) from forward(h)")
+
+    def rsample_with_log_prob(self, h: torch.Tensor, sample_shape: torch.Size = torch.Size()):
+        """(z, log q(z | x)) for draws z of ``sample_shape`` in front of the batch: the reparameterised
+        draw where the family has one, else a plain one (for evaluation only). Default: through the
+        distribution, ``q.rsample(sample_shape)`` then ``q.log_prob(z)``; a family may compute the same
+        numbers with fewer operations."""
+        q = self(h)
+        z = q.rsample(sample_shape) if q.has_rsample else q.sample(sample_shape)
+        return z, q.log_prob(z)
+
+
+class DiagonalNormal(GuideFamily):
     """N(mu(x), diag sigma(x)^2) on R^m: the encoder gives 2m numbers (mu, and u for the scale):
 
         softplus         sigma = 1e-4 + softplus(u)
@@ -42,15 +64,29 @@ class DiagonalNormal(nn.Module):
         self.bounded = scale == "bounded-logvar"
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:
-        u = h[..., self.dim :]
-        scale = torch.exp(0.5 * torch.nn.functional.hardtanh(u, -6.0, 2.0)) if self.bounded else MIN_SCALE + softplus(u)
-        return dist.Normal(h[..., : self.dim], scale).to_event(1)
+        return dist.Normal(h[..., : self.dim], self._scale(h[..., self.dim :])).to_event(1)
+
+    def _scale(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.exp(0.5 * torch.nn.functional.hardtanh(u, -6.0, 2.0)) if self.bounded else MIN_SCALE + softplus(u)
+
+    def rsample_with_log_prob(self, h: torch.Tensor, sample_shape: torch.Size = torch.Size()):
+        """The draw ``Normal(mu, sigma).rsample`` makes, z = mu + sigma eps with eps from ``normal_()`` on
+        the same random stream, and its density written in eps, as a hand-written VAE does:
+
+            log q(z | x) = sum_i (-eps_i^2 / 2 - log sigma_i) - m/2 log 2 pi
+
+        the same value as ``Normal.log_prob(z)`` (which recomputes (z - mu) / sigma) and the same
+        gradient: through z the terms in mu cancel, leaving d/d sigma = -1/sigma in both."""
+        loc, scale = h[..., : self.dim], self._scale(h[..., self.dim :])
+        eps = torch.empty(torch.Size(sample_shape) + loc.shape, dtype=loc.dtype, device=loc.device).normal_()
+        log_q = (eps * eps).sum(-1).mul(-0.5) - scale.log().sum(-1) - self.dim * HALF_LOG_2PI
+        return loc + eps * scale, log_q
 
     def location(self, h: torch.Tensor) -> torch.Tensor:
         return h[..., : self.dim]
 
 
-class FullCovarianceNormal(nn.Module):
+class FullCovarianceNormal(GuideFamily):
     """N(mu(x), L(x) L(x)^T) on R^m, L lower-triangular with a positive diagonal: m + m(m+1)/2 numbers."""
 
     def __init__(self, dim: int):
@@ -73,7 +109,7 @@ class FullCovarianceNormal(nn.Module):
         return h[..., : self.dim]
 
 
-class InverseAutoregressiveFlow(nn.Module):
+class InverseAutoregressiveFlow(GuideFamily):
     """q(z | x) = f_L o ... o f_1 # N(mu(x), diag sigma(x)^2), each f_l an affine autoregressive
     transform conditioned on a context c(x) from the encoder (Kingma et al. 2016)."""
 
@@ -99,7 +135,7 @@ class InverseAutoregressiveFlow(nn.Module):
         return loc
 
 
-class PowerSphericalFamily(nn.Module):
+class PowerSphericalFamily(GuideFamily):
     """q(z | x) = PowerSpherical(mu(x), kappa(x)) on S^{d-1}, any d >= 2: the encoder gives d + 1 numbers,
     a direction mu = h / |h| and kappa = softplus(h_{d+1}) + 1e-3 (reparameterised; KL to the uniform
     prior in closed form)."""
@@ -123,7 +159,7 @@ class PowerSphericalFamily(nn.Module):
         return direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-class ProjectedNormalFamily(nn.Module):
+class ProjectedNormalFamily(GuideFamily):
     """q(z | x) = ProjectedNormal(c(x)) on the sphere: direction c/|c|, concentration |c|."""
 
     support = constraints.sphere
@@ -142,7 +178,7 @@ class ProjectedNormalFamily(nn.Module):
         return h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-class RelaxedCategoricalFamily(nn.Module):
+class RelaxedCategoricalFamily(GuideFamily):
     """q(z | x) = RelaxedOneHotCategorical(tau, softmax(l(x))) on the simplex."""
 
     support = constraints.simplex
@@ -178,6 +214,16 @@ class AmortizedGuide(nn.Module):
         super()._apply(fn, recurse)
         _apply_to_transform(self.transform, fn)
         return self
+
+    def rsample_with_log_prob(self, x: torch.Tensor, sample_shape: torch.Size = torch.Size()):
+        """(z, log q(z | x)) for draws of ``sample_shape`` in front of the batch, the ones ``self(x).rsample``
+        makes on the same random stream (:meth:`GuideFamily.rsample_with_log_prob`); through the transformed
+        distribution when there is a transform."""
+        if self.transform is None:
+            return self.family.rsample_with_log_prob(self.encoder(x), sample_shape)
+        q = self(x)
+        z = q.rsample(sample_shape) if q.has_rsample else q.sample(sample_shape)
+        return z, q.log_prob(z)
 
     def location(self, x: torch.Tensor) -> torch.Tensor:
         """A point summary of q(z | x): the family's centre, mapped into the support."""

@@ -35,7 +35,22 @@ class BernoulliPixels(dist.Independent):
         return binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1).neg()
 
 
-class Bernoulli(nn.Module):
+class Likelihood(nn.Module):
+    """The base of an observation model: ``forward(out)`` turns the decoder's output into p(x | z), a Pyro
+    distribution with event shape (D,); ``requires_binary`` says whether x must be 0/1."""
+
+    requires_binary = False
+
+    def forward(self, out: torch.Tensor) -> dist.Distribution:  # pragma: no cover - every likelihood defines it
+        raise NotImplementedError(f"{type(self).__name__} must return p(x | z) from forward(out)")
+
+    def log_density(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) for the decoder's output ``out`` (x broadcast against it). Default:
+        ``self(out).log_prob(x)``; a likelihood may compute the same numbers without the distribution."""
+        return self(out).log_prob(x)
+
+
+class Bernoulli(Likelihood):
     """x_d ~ Bernoulli(sigmoid(f_d(z))): for binary pixels."""
 
     requires_binary = True
@@ -43,8 +58,14 @@ class Bernoulli(nn.Module):
     def forward(self, logits: torch.Tensor) -> dist.Distribution:
         return BernoulliPixels(logits, validate_args=False)
 
+    def log_density(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """-sum_d BCE(logits_d, x_d), as :class:`BernoulliPixels` computes it, without building it."""
+        if x.shape != logits.shape:
+            logits, x = torch.broadcast_tensors(logits, x)
+        return binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1).neg()
 
-class ContinuousBernoulli(nn.Module):
+
+class ContinuousBernoulli(Likelihood):
     """x_d ~ CB(sigmoid(f_d(z))), the normalised Bernoulli density on [0, 1] (Loaiza-Ganem & Cunningham 2019)."""
 
     requires_binary = False
@@ -53,7 +74,7 @@ class ContinuousBernoulli(nn.Module):
         return dist.ContinuousBernoulli(logits=logits).to_event(1)
 
 
-class Gaussian(nn.Module):
+class Gaussian(Likelihood):
     """x_d ~ N(sigmoid(f_d(z)), sigma_d^2) with a learned per-pixel sigma_d >= min_scale."""
 
     requires_binary = False
