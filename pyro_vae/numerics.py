@@ -10,7 +10,10 @@ its exponential would be a subnormal number or zero, which the vectorised exp of
 14 to 40 times more slowly than a normal one (measured on this project's x86-64 machine, torch 2.14:
 50,000 exps in 46 us for arguments in [-87, -80], 1.9 ms in [-100, -88], 0.64 ms below -110). A raised
 term adds at most exp(log(tiny) + 1), about 3e-38 in float32, relative to the largest term, which is 1:
-nothing a float32 sum can hold; its gradient (at most as small) becomes 0. Mixture log-densities (500
+nothing a float32 sum can hold; its gradient is 0, the floor's derivative. (Left at its value, about 3e-38,
+it would make every product with it in the backward pass a subnormal number, as slow in a matrix product
+as in exp: on this machine the mixture prior's weight gradient, a 100 x 500 by 100 x 40 product, took 485 us
+with them against 33 us without, two of them a step.) Mixture log-densities (500
 components, most far from a given z) and importance weights (thousands of draws spread over hundreds
 of nats) are exactly where most terms underflow.
 
@@ -39,7 +42,7 @@ class _FlooredLogSumExp(torch.autograd.Function):
         m = m.masked_fill(~torch.isfinite(m), 0.0)  # such a row, or one with +inf: shift by 0, as torch does
         terms = (x - m).clamp_(min=low).exp_()  # NaN stays NaN; -inf and the underflowing are raised to low
         total = terms.sum(dim, keepdim=True)
-        ctx.dim = dim
+        ctx.dim, ctx.floor = dim, math.exp(low)
         ctx.save_for_backward(terms, total)
         return (total.log() + m).masked_fill_(empty, -math.inf).squeeze(dim)
 
@@ -47,7 +50,10 @@ class _FlooredLogSumExp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         terms, total = ctx.saved_tensors
-        return terms / total * grad.unsqueeze(ctx.dim), None
+        # a raised term's gradient is 0 (the floor's derivative), not exp(low) / total: left at about 3e-38 it
+        # would make subnormal products in every matrix product it meets in the backward pass
+        kept = torch.where(terms > ctx.floor, terms, 0.0)
+        return kept / total * grad.unsqueeze(ctx.dim), None
 
 
 def logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:

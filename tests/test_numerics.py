@@ -38,3 +38,21 @@ def test_special_values_as_torch():
     assert torch.equal(ours.isnan(), theirs.isnan())
     assert torch.equal(ours[~ours.isnan()], theirs[~theirs.isnan()])
     assert ours[3].isnan()  # a NaN is never summed away
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_raised_terms_gradient_is_zero(dtype):
+    """The terms raised to the floor (more than -log(tiny) - 1 below the largest) get gradient 0, the floor's
+    derivative, not a number near the smallest normal one (which makes subnormal products in the backward
+    pass); the others get torch.logsumexp's. Incoming gradients of 1 and 1e-3 (a KL weight)."""
+    low = math.log(torch.finfo(dtype).tiny) + 1.0
+    x = (400.0 * torch.randn(100, 500, generator=torch.Generator().manual_seed(1), dtype=torch.float64)).to(dtype)
+    x.requires_grad_()
+    raised = (x - x.amax(-1, keepdim=True)) < low
+    assert raised.float().mean() > 0.5  # most of them, as in a mixture far from z
+    for scale in (1.0, 1e-3):
+        ours, = torch.autograd.grad(logsumexp(x, -1).sum() * scale, x)
+        theirs, = torch.autograd.grad(torch.logsumexp(x, -1).sum() * scale, x)
+        assert (ours[raised] == 0).all()
+        # x - max carries float rounding of about eps * |x| (|x| ~ 1000 here) in both, so the weights agree to that
+        assert torch.allclose(ours[~raised], theirs[~raised], rtol=2e-4, atol=1e-6 * scale)
