@@ -43,7 +43,12 @@ def _check_dim(d: int) -> None:
 
 def _uniform_directions(shape, d: int, like: torch.Tensor) -> torch.Tensor:
     v = torch.randn(*shape, d, dtype=like.dtype, device=like.device)
-    return v / v.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    norm = v.norm(dim=-1, keepdim=True)
+    # a normal draw of norm below _EPS (for d = 1, about 1 in 10^7) would give a vector shorter than 1, and z
+    # off the sphere: it is replaced by e_1, which changes the law by nothing measurable
+    e1 = torch.zeros_like(v)
+    e1[..., 0] = 1
+    return torch.where(norm > _EPS, v / norm.clamp_min(_EPS), e1)
 
 
 def _rotate_from_e1(y: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
