@@ -34,7 +34,7 @@ from pyro import poutine
 from torch.distributions import kl_divergence
 
 from ..errors import PyroVAEError
-from ..models.guides import AmortizedGuide
+from ..models.guides import AmortizedGuide, draw_with_log_prob
 from ..models.likelihoods import Likelihood
 from ..numerics import logsumexp
 
@@ -69,12 +69,13 @@ def direct_log_weights(vae, x: torch.Tensor, num_particles: int | None = None, b
     (Bernoulli as BCE with logits); each is the same number as the distribution's, by fewer operations."""
     shape = torch.Size() if num_particles is None else torch.Size([num_particles])
     guide = vae.guide_dist
-    if analytic or not isinstance(guide, AmortizedGuide):
+    if analytic:
         q = guide(x)                                                        # batch (N,), event (d,)
         z = q.rsample(shape) if q.has_rsample else q.sample(shape)  # (a guide without rsample is only evaluated)
-        log_q = None if analytic else q.log_prob(z)
-    else:
+    elif isinstance(guide, AmortizedGuide):
         z, log_q = guide.rsample_with_log_prob(x, shape)
+    else:
+        z, log_q = draw_with_log_prob(guide(x), shape)
     out = vae.decoder(z)
     likelihood = vae.likelihood
     log_w = likelihood.log_density(out, x) if isinstance(likelihood, Likelihood) else likelihood(out).log_prob(x)

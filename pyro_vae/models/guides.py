@@ -27,6 +27,13 @@ MIN_SCALE = 1e-4
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def draw_with_log_prob(q: dist.Distribution, sample_shape: torch.Size = torch.Size()):
+    """(z, q.log_prob(z)) for a draw of ``sample_shape``: reparameterised where q has rsample, else a plain
+    draw (for evaluation only)."""
+    z = q.rsample(sample_shape) if q.has_rsample else q.sample(sample_shape)
+    return z, q.log_prob(z)
+
+
 class GuideFamily(nn.Module):
     """The base of a guide family: ``forward(h)`` turns the encoder's output h into q(z | x), a Pyro
     distribution with event shape (m,); ``location(h)`` is its centre; ``num_inputs`` the size of h."""
@@ -41,9 +48,7 @@ class GuideFamily(nn.Module):
         draw where the family has one, else a plain one (for evaluation only). Default: through the
         distribution, ``q.rsample(sample_shape)`` then ``q.log_prob(z)``; a family may compute the same
         numbers with fewer operations."""
-        q = self(h)
-        z = q.rsample(sample_shape) if q.has_rsample else q.sample(sample_shape)
-        return z, q.log_prob(z)
+        return draw_with_log_prob(self(h), sample_shape)
 
 
 class DiagonalNormal(GuideFamily):
@@ -221,9 +226,7 @@ class AmortizedGuide(nn.Module):
         distribution when there is a transform."""
         if self.transform is None:
             return self.family.rsample_with_log_prob(self.encoder(x), sample_shape)
-        q = self(x)
-        z = q.rsample(sample_shape) if q.has_rsample else q.sample(sample_shape)
-        return z, q.log_prob(z)
+        return draw_with_log_prob(self(x), sample_shape)
 
     def location(self, x: torch.Tensor) -> torch.Tensor:
         """A point summary of q(z | x): the family's centre, mapped into the support."""
