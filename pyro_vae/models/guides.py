@@ -142,8 +142,12 @@ class InverseAutoregressiveFlow(GuideFamily):
 
 class PowerSphericalFamily(GuideFamily):
     """q(z | x) = PowerSpherical(mu(x), kappa(x)) on S^{d-1}, any d >= 2: the encoder gives d + 1 numbers,
-    a direction mu = h / |h| and kappa = softplus(h_{d+1}) + 1e-3 (reparameterised; KL to the uniform
-    prior in closed form)."""
+    a direction mu = h / |h| and kappa = 1 + softplus(h_{d+1}) (reparameterised; KL to the uniform
+    prior in closed form). The floor of 1 is the S-VAE authors' (Davidson et al. 2018; De Cao & Aziz 2020
+    keep it), "to prevent collapsing behaviors": near kappa = 0 the guide is almost the uniform prior, the
+    decoder's gradient through z is small, and the KL term drives kappa to 0. With a floor of 1e-3 an S-VAE
+    at d = 5 on binarized MNIST collapsed within one epoch (validation ELBO -206.5, every kappa 1e-3);
+    with 1 it learned (-137 after five epochs)."""
 
     support = constraints.sphere
 
@@ -157,7 +161,7 @@ class PowerSphericalFamily(GuideFamily):
     def forward(self, h: torch.Tensor) -> dist.Distribution:
         from .sphere import PowerSpherical
 
-        return PowerSpherical(self.location(h), 1e-3 + softplus(h[..., self.dim]))
+        return PowerSpherical(self.location(h), 1 + softplus(h[..., self.dim]))
 
     def location(self, h: torch.Tensor) -> torch.Tensor:
         direction = h[..., : self.dim]
