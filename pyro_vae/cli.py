@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "The same VAE under several KL weights: what the KL pull does to sampling and blur."))
         if name == "compare":
             study.add_argument("--priors", help=f"comma-separated priors (default: {STUDY_DEFAULTS['priors']})")
+            study.add_argument("--latent-dim-offsets", metavar="PRIOR=N,...",
+                               help="a prior's runs at latent size d get latent_dim d + N, e.g. sphere=1: S^d lives "
+                                    "in R^(d+1), as Davidson et al. compare them (default: none)")
         else:
             study.add_argument("--betas", help=f"comma-separated betas (default: {STUDY_DEFAULTS['betas']})")
         study.add_argument("--latent-dims", help="comma-separated latent sizes (default: 2)")
@@ -165,7 +168,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         priors = _list(options["priors"], str, "--priors")
         if args.config and args.priors is None and not args.trust_prior:
             _refuse_module_priors(args.config, priors)
-        settings = compare_settings(base, priors, dims, options["seeds"])
+        settings = compare_settings(base, priors, dims, options["seeds"], _offsets(args, options))
     else:
         priors = [base.prior]
         settings = beta_settings(base, _list(options["betas"], float, "--betas"), dims, options["seeds"])
@@ -177,6 +180,19 @@ def cmd_study(args: argparse.Namespace) -> int:
                        published=options.get("published"))
     print(f"report: {report} (and {report.with_suffix('.html')})")
     return 0
+
+
+def _offsets(args: argparse.Namespace, options: dict) -> dict[str, int]:
+    """--latent-dim-offsets PRIOR=N,... (else the config file's [study] latent_dim_offsets)."""
+    if args.latent_dim_offsets is None:
+        return dict(options.get("latent_dim_offsets", {}))
+    out = {}
+    for item in _list(args.latent_dim_offsets, str, "--latent-dim-offsets"):
+        prior, _, n = item.partition("=")
+        if not prior or not n.strip().isdigit():
+            raise PyroVAEError(f"--latent-dim-offsets takes PRIOR=N with N a whole number >= 0, got {item!r}")
+        out[prior.strip()] = int(n)
+    return out
 
 
 def _list(value, kind, flag: str) -> list:

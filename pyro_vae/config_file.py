@@ -3,7 +3,8 @@
 A config file is TOML (read with the standard library's ``tomllib``), JSON (a run's config.json), or
 YAML where PyYAML is installed. Its top-level keys are :class:`~pyro_vae.config.Config` fields (the
 ``train`` flags without their dashes, ``latent_dim = 40``); an optional ``[study]`` table holds what
-``compare`` and ``sweep-beta`` take besides (``priors``, ``betas``, ``latent_dims``, ``seeds``, ``k``).
+``compare`` and ``sweep-beta`` take besides (``priors``, ``betas``, ``latent_dims``, ``seeds``, ``k``;
+``latent_dim_offsets`` for compare: a prior's runs at size d get latent_dim d + n, as the sphere's S^d in R^(d+1)).
 Every flag given on the command line overrides the file. A ``[study.published]`` table holds the figures a
 paper reports for the same settings, which the study's report sets beside its own: ``source`` (who, where,
 in what units), then one number per prior or beta (``normal = -88.56``), or a table of them by latent size
@@ -26,7 +27,8 @@ from .errors import PyroVAEError
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 STUDY_OPTIONS = {"priors": (list, str), "betas": (list, (int, float)), "latent_dims": (list, int),
-                 "seeds": (int, None), "k": (int, None), "published": (dict, None)}
+                 "seeds": (int, None), "k": (int, None), "published": (dict, None),
+                 "latent_dim_offsets": (dict, int)}
 
 
 @dataclass
@@ -97,9 +99,11 @@ def read_config_file(name: str | Path) -> ConfigFile:
         ok = isinstance(value, outer) and not isinstance(value, bool)
         if ok and outer is list:
             ok = len(value) > 0 and all(isinstance(v, inner) and not isinstance(v, bool) for v in value)
+        if ok and outer is dict:
+            ok = all(isinstance(v, inner) and not isinstance(v, bool) and v >= 0 for v in value.values())
         if not ok:
-            raise PyroVAEError(f"{path}: [study] {key} must be {'a non-empty list' if outer is list else 'an integer'}"
-                               f", got {value!r:.60}")
+            what = {list: "a non-empty list", dict: "a table of prior = whole number >= 0"}.get(outer, "an integer")
+            raise PyroVAEError(f"{path}: [study] {key} must be {what}, got {value!r:.60}")
     return ConfigFile(path=path, fields=content, study=study)
 
 

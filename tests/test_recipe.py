@@ -131,6 +131,7 @@ def test_the_recipe_is_the_papers_setting():
     svae = read_config_file("svae-static-mnist")
     assert svae.study["priors"] == ["normal", "sphere"] and svae.study["latent_dims"] == [2, 5, 10, 20, 40]
     assert svae.study["published"]["sphere"]["2"] == -132.50 and svae.study["published"]["normal"]["40"] == -88.93
+    assert svae.study["latent_dim_offsets"] == {"sphere": 1}  # S^d in R^(d+1), as the authors compare them
 
 
 def test_a_config_file_round_trips_and_flags_override_it(tmp_path, digits):
@@ -168,7 +169,9 @@ def test_a_study_reads_its_options_from_the_config_file(tmp_path):
     ("latent_dim = ", "not a valid TOML file"), ("latent_size = 3", "unknown config fields: latent_size"),
     ('latent_dim = "three"', "latent_dim must be an integer"), ("lr = -1.0", "lr must be > 0"),
     ("[study]\npriors = []", "[study] priors must be a non-empty list"),
-    ("[study]\ncolour = 1", "unknown [study] option 'colour'"), ("= = =", "not a valid TOML file"),
+    ("[study]\ncolour = 1", "unknown [study] option 'colour'"),
+    ("[study]\nlatent_dim_offsets = {sphere = -1}", "latent_dim_offsets must be a table of prior = whole number"),
+    ("= = =", "not a valid TOML file"),
     ("[study.published]\nnormal = -88.5", "[study.published] needs a source"),
     ('[study.published]\nsource = "x"\nnormal = "high"', "[study.published] normal must be a finite number"),
     ('[study.published]\nsource = "x"\nnormal = {two = 1.0}', "latent sizes are whole numbers, got 'two'"),

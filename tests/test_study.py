@@ -60,6 +60,26 @@ def test_compare_report_matches_the_runs(tmp_path):
     assert (out / "runs" / "normal-z2-s0" / "model.pt").stat().st_mtime_ns == stamp
 
 
+def test_a_sphere_compared_at_its_manifolds_dimension(tmp_path):
+    """--latent-dim-offsets sphere=1: at latent size 2 the sphere run has latent_dim 3 (S^2 in R^3), sits in the
+    same table as the Gaussian in R^2, paired with it, and the report says so."""
+    out = tmp_path / "study"
+    assert main(["compare", "--priors", "normal,sphere", "--latent-dims", "2", "--latent-dim-offsets", "sphere=1",
+                 "--out", str(out), *TINY]) == 0
+    dims = {p: json.loads((out / "runs" / f"{p}-z2-s0" / "config.json").read_text())["latent_dim"]
+            for p in ("normal", "sphere")}
+    assert dims == {"normal": 2, "sphere": 3}
+    report = (out / "report.md").read_text()
+    rows = _table(report, "## Latent size 2")
+    assert set(rows) == {"normal", "sphere"} and "±" in rows["sphere"]["vs first (paired)"]
+    assert "the sphere runs have latent_dim d + 1" in report and "## Latent size 3" not in report
+    assert main(["compare", "--priors", "normal,sphere", "--latent-dim-offsets", "sphere=one",
+                 "--out", str(tmp_path / "s2"), *TINY]) == 2
+    assert main(["compare", "--priors", "normal", "--latent-dim-offsets", "spherical=1",
+                 "--out", str(tmp_path / "s2"), *TINY]) == 2
+    assert not (tmp_path / "s2").exists()
+
+
 def test_beta_sweep_report_with_seeds(tmp_path):
     out = tmp_path / "sweep"
     assert main(["sweep-beta", "--betas", "0,1", "--seeds", "2", "--latent-dims", "2", "--out", str(out), *TINY]) == 0

@@ -22,16 +22,28 @@ class Setting:
     name: str
     config: Config
     label: str          # the prior or the beta
-    latent_dim: int
+    latent_dim: int     # the size compared: config.latent_dim less the prior's offset (see compare_settings)
     seed: int
 
 
-def compare_settings(base: Config, priors: list[str], latent_dims: list[int], seeds: int) -> list[Setting]:
+def compare_settings(base: Config, priors: list[str], latent_dims: list[int], seeds: int,
+                     offsets: dict[str, int] | None = None) -> list[Setting]:
+    """One setting per (latent size d, prior, seed). ``offsets``: prior -> n, whose runs get latent_dim d + n
+    and are compared at size d: the hyperspherical VAE's S^d lives in R^(d+1) (Davidson et al. 2018 compare
+    the N-VAE in R^d with the S-VAE on S^d, a d-dimensional manifold: their code's z_dim + 1), so a sphere
+    prior compared at d takes ``{sphere = 1}``."""
     unknown = [p for p in priors if p not in PRIORS and ":" not in p]
     if unknown:
         raise PyroVAEError(f"unknown priors {', '.join(unknown)}; choose from {', '.join(PRIORS)}")
-    return [Setting(f"{p.replace(':', '_')}-z{d}-s{s}", dataclasses.replace(base, prior=p, latent_dim=d,
-                                                                          seed=base.seed + s), p, d, s)
+    offsets = dict(offsets or {})
+    stray = [p for p in offsets if p not in PRIORS and ":" not in p]  # a prior this study leaves out: no matter
+    if stray:
+        raise PyroVAEError(f"latent_dim_offsets names unknown priors {', '.join(stray)}; choose from {', '.join(PRIORS)}")
+    bad = {p: n for p, n in offsets.items() if not isinstance(n, int) or isinstance(n, bool) or n < 0}
+    if bad:
+        raise PyroVAEError(f"latent_dim_offsets must be whole numbers >= 0, got {bad}")
+    return [Setting(f"{p.replace(':', '_')}-z{d}-s{s}",
+                    dataclasses.replace(base, prior=p, latent_dim=d + offsets.get(p, 0), seed=base.seed + s), p, d, s)
             for d in latent_dims for p in priors for s in range(seeds)]
 
 
