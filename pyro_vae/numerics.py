@@ -36,20 +36,28 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
+def logsumexp_terms(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward pass of :func:`logsumexp` without autograd: (log sum exp(x) over ``dim``, removed; the
+    terms exp(x_k - m), the dropped ones 0; their sum, ``dim`` kept). The gradient of the first with respect
+    to x is terms / total: for a function of its own that ends in a logsumexp (the mixture density)."""
+    cut = math.log(torch.finfo(x.dtype).tiny) / 2
+    m = x.amax(dim, keepdim=True)
+    empty = m == -math.inf  # a row of -inf: log 0
+    m = m.masked_fill(~torch.isfinite(m), 0.0)  # such a row, or one with +inf: shift by 0, as torch does
+    # the dropped terms are raised to a nat below the cut (so exp stays fast) and then set to 0; NaN stays NaN
+    terms = (x - m).clamp_(min=cut - 1.0).exp_()
+    terms = torch.nn.functional.threshold_(terms, math.exp(cut), 0.0)
+    total = terms.sum(dim, keepdim=True)
+    return (total.log() + m).masked_fill_(empty, -math.inf).squeeze(dim), terms, total
+
+
 class _FlooredLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:
-        cut = math.log(torch.finfo(x.dtype).tiny) / 2
-        m = x.amax(dim, keepdim=True)
-        empty = m == -math.inf  # a row of -inf: log 0
-        m = m.masked_fill(~torch.isfinite(m), 0.0)  # such a row, or one with +inf: shift by 0, as torch does
-        # the dropped terms are raised to a nat below the cut (so exp stays fast) and then set to 0; NaN stays NaN
-        terms = (x - m).clamp_(min=cut - 1.0).exp_()
-        terms = torch.nn.functional.threshold_(terms, math.exp(cut), 0.0)
-        total = terms.sum(dim, keepdim=True)
+        out, terms, total = logsumexp_terms(x, dim)
         ctx.dim = dim
         ctx.save_for_backward(terms, total)
-        return (total.log() + m).masked_fill_(empty, -math.inf).squeeze(dim)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -64,4 +72,4 @@ def logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     return _FlooredLogSumExp.apply(x, dim)
 
 
-__all__ = ["logsumexp"]
+__all__ = ["logsumexp", "logsumexp_terms"]

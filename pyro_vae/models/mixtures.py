@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import PyroVAEError
-from ..numerics import logsumexp
+from ..numerics import logsumexp, logsumexp_terms
 from .base import Prior
 
 _DEFAULTS = Config()
@@ -92,7 +92,7 @@ class DiagonalNormalMixture(dist.TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return logsumexp(self.component_log_prob(value), -1).to(value.dtype)
+        return mixture_log_prob(value, self.logits, self.loc, self.log_scale, self.compute_dtype)
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
@@ -144,39 +144,80 @@ class _QuadraticForms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, logits, loc, log_scale):
-        n, d = z.shape
-        precision = (-2.0 * log_scale).exp()
-        w = torch.empty(loc.shape[0], 2 * d + 1, dtype=z.dtype, device=z.device)
-        torch.mul(loc, precision, out=w[:, :d])
-        torch.mul(precision, -0.5, out=w[:, d : 2 * d])
-        zz = torch.empty(n, 2 * d + 1, dtype=z.dtype, device=z.device)
-        zz[:, :d] = z
-        torch.mul(z, z, out=zz[:, d : 2 * d])
-        zz[:, 2 * d] = 1.0
-        log_weights = torch.log_softmax(logits, -1)
-        torch.sub(log_weights, 0.5 * (loc * w[:, :d]).sum(-1) + log_scale.sum(-1) + 0.5 * d * math.log(2 * math.pi),
-                  out=w[:, 2 * d])
-        ctx.save_for_backward(zz, w, loc, precision, log_weights)
-        return zz @ w.T
+        quad, saved = _quadratic_forward(z, logits, loc, log_scale)
+        ctx.save_for_backward(*saved)
+        return quad
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        zz, w, loc, precision, log_weights = ctx.saved_tensors
-        d = loc.shape[1]
-        g_w = grad.T @ zz                                   # (K, 2d + 1): [g_A, g_B, g_c]
-        g_a, g_b, gc = g_w[:, :d], g_w[:, d : 2 * d], g_w[:, 2 * d :]
-        g_zw = (grad @ w[:, : 2 * d])                       # (n, 2d)
-        g_z = torch.addcmul(g_zw[:, :d], zz[:, :d], g_zw[:, d:], value=2.0)
-        a = w[:, :d]
-        t = gc * loc
-        g_loc = precision * (g_a - t)
-        # -2 P (mu g_A - g_c mu^2 / 2 - g_B / 2) - g_c = A (g_c mu - 2 g_A) + P g_B - g_c: five passes, not nine
-        g_log_scale = torch.addcmul(a * torch.sub(t, g_a, alpha=2.0), precision, g_b).sub_(gc)
-        g_c = gc.squeeze(-1)
-        g_logits = g_c - log_weights.exp() * g_c.sum()
-        return g_z, g_logits, g_loc, g_log_scale
+        return _quadratic_backward(grad, *ctx.saved_tensors)
 
+
+class _MixtureLogProb(torch.autograd.Function):
+    """log p(z) = logsumexp_k quad_k(z) in one autograd node: :class:`_QuadraticForms` followed by
+    :func:`~pyro_vae.numerics.logsumexp`, whose gradient terms / total (the components' responsibilities)
+    is the G that the quadratic forms' backward pass takes."""
+
+    @staticmethod
+    def forward(ctx, z, logits, loc, log_scale):
+        quad, saved = _quadratic_forward(z, logits, loc, log_scale)
+        out, terms, total = logsumexp_terms(quad, -1)
+        ctx.save_for_backward(terms, total, *saved)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        terms, total, *saved = ctx.saved_tensors
+        return _quadratic_backward(terms * (grad.unsqueeze(-1) / total), *saved)
+
+
+def _quadratic_forward(z, logits, loc, log_scale):
+    """(quad (n, K), the tensors the backward pass needs): see :class:`_QuadraticForms`."""
+    n, d = z.shape
+    precision = (-2.0 * log_scale).exp()
+    w = torch.empty(loc.shape[0], 2 * d + 1, dtype=z.dtype, device=z.device)
+    torch.mul(loc, precision, out=w[:, :d])
+    torch.mul(precision, -0.5, out=w[:, d : 2 * d])
+    zz = torch.empty(n, 2 * d + 1, dtype=z.dtype, device=z.device)
+    zz[:, :d] = z
+    torch.mul(z, z, out=zz[:, d : 2 * d])
+    zz[:, 2 * d] = 1.0
+    log_weights = torch.log_softmax(logits, -1)
+    torch.sub(log_weights, 0.5 * (loc * w[:, :d]).sum(-1) + log_scale.sum(-1) + 0.5 * d * math.log(2 * math.pi),
+              out=w[:, 2 * d])
+    return zz @ w.T, (zz, w, loc, precision, log_weights)
+
+
+def _quadratic_backward(grad, zz, w, loc, precision, log_weights):
+    """The gradients (z, logits, loc, log_scale) for an incoming gradient ``grad`` (n, K) of quad."""
+    d = loc.shape[1]
+    g_w = grad.T @ zz                                   # (K, 2d + 1): [g_A, g_B, g_c]
+    g_a, g_b, gc = g_w[:, :d], g_w[:, d : 2 * d], g_w[:, 2 * d :]
+    g_zw = grad @ w[:, : 2 * d]                         # (n, 2d)
+    g_z = torch.addcmul(g_zw[:, :d], zz[:, :d], g_zw[:, d:], value=2.0)
+    t = gc * loc
+    g_loc = precision * (g_a - t)
+    # -2 P (mu g_A - g_c mu^2 / 2 - g_B / 2) - g_c = A (g_c mu - 2 g_A) + P g_B - g_c: five passes, not nine
+    g_log_scale = torch.addcmul(w[:, :d] * torch.sub(t, g_a, alpha=2.0), precision, g_b).sub_(gc)
+    g_c = gc.squeeze(-1)
+    g_logits = g_c - log_weights.exp() * g_c.sum()
+    return g_z, g_logits, g_loc, g_log_scale
+
+
+def mixture_log_prob(value: torch.Tensor, logits: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor,
+                     compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """log p(value) of the diagonal Normal mixture (logits (K,), loc and log_scale (K, d)), event dimension
+    summed: :meth:`DiagonalNormalMixture.log_prob` without building the distribution."""
+    compute = compute_dtype or torch.promote_types(value.dtype, loc.dtype)
+    flat = value.to(compute).reshape(-1, value.shape[-1])
+    args = (flat, logits.to(compute), loc.to(compute), log_scale.to(compute))
+    if torch.compiler.is_compiling():  # the compiler fuses the plain form's elementwise passes itself
+        out = logsumexp(_quadratic_forms(*args), -1)
+    else:
+        out = _MixtureLogProb.apply(*args)
+    return out.reshape(value.shape[:-1]).to(value.dtype)
 
 def _mixture_init(components: int, latent_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     means = torch.randn(components, latent_dim, generator=torch.Generator().manual_seed(0))
@@ -208,6 +249,9 @@ class MixtureOfGaussians(Prior):
 
     def forward(self):
         return DiagonalNormalMixture(self.logits, self.means, log_scale=self.log_scales)
+
+    def log_density(self, z: torch.Tensor) -> torch.Tensor:
+        return mixture_log_prob(z, self.logits, self.means, self.log_scales)
 
 
 class EnumeratedMixture(MixtureOfGaussians):
