@@ -170,6 +170,9 @@ def cmd_study(args: argparse.Namespace) -> int:
             _refuse_module_priors(args.config, priors)
         settings = compare_settings(base, priors, dims, options["seeds"], _offsets(args, options))
     else:
+        if options.get("latent_dim_offsets"):
+            raise PyroVAEError(f"{args.config}: [study] latent_dim_offsets is for compare (sweep-beta trains one "
+                               "prior, at the sizes --latent-dims gives)")
         priors = [base.prior]
         settings = beta_settings(base, _list(options["betas"], float, "--betas"), dims, options["seeds"])
     _warn_without_effect(args, priors)
@@ -188,10 +191,12 @@ def _offsets(args: argparse.Namespace, options: dict) -> dict[str, int]:
         return dict(options.get("latent_dim_offsets", {}))
     out = {}
     for item in _list(args.latent_dim_offsets, str, "--latent-dim-offsets"):
-        prior, _, n = item.partition("=")
-        if not prior or not n.strip().isdigit():
+        prior, _, n = (part.strip() for part in item.partition("="))
+        if not prior or not (n.isascii() and n.isdigit()):  # (str.isdigit alone admits "²", which int() refuses)
             raise PyroVAEError(f"--latent-dim-offsets takes PRIOR=N with N a whole number >= 0, got {item!r}")
-        out[prior.strip()] = int(n)
+        if prior in out:
+            raise PyroVAEError(f"--latent-dim-offsets names {prior} twice")
+        out[prior] = int(n)
     return out
 
 

@@ -106,3 +106,100 @@ def test_pseudo_inputs_start_as_the_paper_or_as_training_images(digits):
     assert torch.equal(again.raw_pseudo_inputs, prior.raw_pseudo_inputs)
     with pytest.raises(Exception, match="at least 20 training images"):
         again.initialise_from_data(digits.train[:5], seed=0)
+
+
+def _slow_log_prob(z, logits, loc, log_scale):
+    return dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, log_scale.exp()).to_event(1)
+                                  ).log_prob(z)
+
+
+@pytest.mark.parametrize("far", [0, 27])
+def test_the_backward_pass_touches_only_the_components_in_use(far, monkeypatch):
+    """Components more than 43.7 nats below the best one for every z (logsumexp drops them) have responsibility
+    0: the backward pass computes the gradients of the others only (``used``), and theirs are exactly 0 but for
+    the logits' (-softmax * the total); with every component in use it takes the dense path. Both against Pyro's
+    MixtureSameFamily, values and gradients."""
+    import pyro_vae.models.mixtures as mixtures
+
+    seen = []
+    backward = mixtures._quadratic_backward
+    monkeypatch.setattr(mixtures, "_quadratic_backward", lambda *a, used=None: seen.append(used) or backward(*a, used=used))
+    gen = torch.Generator().manual_seed(far)
+    logits = torch.randn(30, generator=gen, dtype=torch.float64).requires_grad_()
+    loc = torch.randn(30, 5, generator=gen, dtype=torch.float64)
+    loc[:far] += 1000.0  # far from every z
+    loc.requires_grad_()
+    log_scale = (0.3 * torch.randn(30, 5, generator=gen, dtype=torch.float64)).requires_grad_()
+    z = torch.randn(12, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    fast = mixtures.mixture_log_prob(z, logits, loc, log_scale)
+    slow = _slow_log_prob(z, logits, loc, log_scale)
+    assert torch.allclose(fast, slow, atol=1e-9, rtol=0)
+    ours = torch.autograd.grad(fast.sum(), (z, logits, loc, log_scale))
+    theirs = torch.autograd.grad(slow.sum(), (z, logits, loc, log_scale))
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+    used = seen[-1]
+    if far:
+        assert used is not None and set(used.tolist()) <= set(range(far, 30))
+        assert (ours[2][:far] == 0).all() and (ours[3][:far] == 0).all()
+        weights = torch.softmax(logits.detach(), -1)
+        assert torch.allclose(ours[1][:far], -weights[:far] * z.shape[0])  # sum of the incoming gradient: 12
+    else:
+        assert used is None
+
+
+def test_float32_gradients_follow_the_double_precision_ones():
+    """Training runs in float32: its gradients against MixtureSameFamily's in float64 (the expansion's rounding
+    shows in the values, about 1e-5 nats here, and as much in the gradients)."""
+    gen = torch.Generator().manual_seed(3)
+    logits, loc = torch.randn(200, generator=gen, dtype=torch.float64), torch.randn(200, 16, generator=gen,
+                                                                                   dtype=torch.float64)
+    log_scale = -0.5 + 0.3 * torch.randn(200, 16, generator=gen, dtype=torch.float64)
+    z = 1.5 * torch.randn(64, 16, generator=gen, dtype=torch.float64)
+    args64 = [t.clone().requires_grad_() for t in (z, logits, loc, log_scale)]
+    args32 = [t.float().requires_grad_() for t in (z, logits, loc, log_scale)]
+    slow = _slow_log_prob(*args64)
+    fast = DiagonalNormalMixture(args32[1], args32[2], log_scale=args32[3]).log_prob(args32[0])
+    assert fast.dtype == torch.float32 and (fast.double() - slow).abs().max() < 1e-4
+    for a, b in zip(torch.autograd.grad(fast.sum(), args32), torch.autograd.grad(slow.sum(), args64)):
+        assert torch.allclose(a.double(), b, atol=1e-3, rtol=1e-3)
+
+
+def test_the_plain_form_and_the_component_densities_agree_with_the_fused_one():
+    """The forms the other paths use: the plain one (under torch.compile) followed by logsumexp, and the K
+    component log-densities (``component_log_prob``, log w_k + log N(z; mu_k, s_k)), against the fused
+    log-density and against Normal's own, values and gradients."""
+    from pyro_vae.models.mixtures import _quadratic_forms, mixture_log_prob
+    from pyro_vae.numerics import logsumexp
+
+    logits, loc, scale = _random_mixture(20, 4, 7)
+    log_scale = scale.detach().log().requires_grad_()
+    z = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64).requires_grad_()
+    fused = mixture_log_prob(z, logits, loc, log_scale)
+    plain = logsumexp(_quadratic_forms(z.reshape(-1, 4), logits, loc, log_scale), -1).reshape(2, 6)
+    mix = DiagonalNormalMixture(logits, loc, log_scale=log_scale)
+    components = mix.component_log_prob(z)
+    by_normal = torch.log_softmax(logits, -1) + dist.Normal(loc, log_scale.exp()).log_prob(z[..., None, :]).sum(-1)
+    assert components.shape == (2, 6, 20)
+    assert torch.allclose(plain, fused, atol=1e-10) and torch.allclose(components, by_normal, atol=1e-10)
+    params = (z, logits, loc, log_scale)
+    reference = torch.autograd.grad(by_normal.sum(), params)
+    for out, compare in ((components.sum(), reference), (plain.sum(), torch.autograd.grad(fused.sum(), params))):
+        for a, b in zip(torch.autograd.grad(out, params), compare):
+            assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_a_second_derivative_and_a_wrong_shape_are_refused():
+    """The hand-written backward passes are first-order: create_graph=True raises rather than handing back a
+    gradient that is silently constant; a value whose size is not the components' is refused by name."""
+    from pyro_vae.models.mixtures import mixture_log_prob
+    from pyro_vae.numerics import logsumexp
+
+    logits, loc, scale = _random_mixture(5, 3, 1)
+    z = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    for out in (mixture_log_prob(z, logits, loc, scale.log()), logsumexp(z, -1),
+                DiagonalNormalMixture(logits, loc, scale).component_log_prob(z)):
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.grad(out.sum(), z, create_graph=True)
+    with pytest.raises(ValueError, match=r"no density at a value of shape \(4, 2\)"):
+        mixture_log_prob(z[:, :2], logits, loc, scale.log())

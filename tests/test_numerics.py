@@ -58,3 +58,34 @@ def test_a_dropped_terms_gradient_is_zero(dtype):
         assert (ours[dropped] == 0).all()
         # x - max carries float rounding of about eps * |x| (|x| ~ 1000 here) in both, so the weights agree to that
         assert torch.allclose(ours[~dropped], theirs[~dropped], rtol=2e-4, atol=1e-6 * scale)
+
+
+def test_the_terms_are_the_softmax_and_computed_in_place_on_request():
+    """logsumexp_terms, the forward pass the mixture density builds on: (logsumexp, terms, total) with
+    terms / total the softmax (its dropped entries exactly 0), the same whether or not it writes into x."""
+    from pyro_vae.numerics import logsumexp_terms
+
+    x = 30.0 * torch.randn(50, 40, generator=torch.Generator().manual_seed(2))
+    out, terms, total = logsumexp_terms(x, -1)
+    assert torch.allclose(out, torch.logsumexp(x, -1), atol=1e-5)
+    dropped = (x - x.amax(-1, keepdim=True)) < math.log(torch.finfo(x.dtype).tiny) / 2
+    assert dropped.any() and (terms[dropped] == 0).all()
+    assert torch.allclose((terms / total)[~dropped], torch.softmax(x, -1)[~dropped], atol=1e-6)
+    y = x.clone()
+    again = logsumexp_terms(y, -1, inplace=True)
+    assert all(torch.equal(a, b) for a, b in zip(again, (out, terms, total))) and y.data_ptr() == again[1].data_ptr()
+    # float16's exponent range is too short for the cut (half of it is 4.9 nats): summed in float32
+    h = torch.tensor([[0.0, -6.0, -6.0, -6.0, -6.0, -6.0, -6.0, -6.0]], dtype=torch.float16)
+    assert logsumexp(h, -1).dtype == torch.float16
+    assert logsumexp(h, -1).float().item() == pytest.approx(math.log(1 + 7 * math.exp(-6.0)), abs=1e-3)
+
+
+def test_terms_above_the_cut_count():
+    """A term 10 or 40 nats below the largest (above the cut, 43.7 nats in float32) still counts: a cut placed
+    too high would drop what float32 can hold."""
+    x = torch.tensor([[0.0, -10.0], [0.0, -40.0], [-5.0, -45.0]], dtype=torch.float64, requires_grad=True)
+    ours = logsumexp(x.detach().float(), -1).double()
+    assert ours[0].item() == pytest.approx(math.log1p(math.exp(-10.0)), rel=1e-2)  # (1 + 4.5e-5 in float32)
+    assert torch.equal(logsumexp(x, -1), torch.logsumexp(x, -1))
+    g, = torch.autograd.grad(logsumexp(x, -1).sum(), x)
+    assert g[1, 1].item() == pytest.approx(math.exp(-40.0), rel=1e-9)

@@ -60,7 +60,7 @@ def test_compare_report_matches_the_runs(tmp_path):
     assert (out / "runs" / "normal-z2-s0" / "model.pt").stat().st_mtime_ns == stamp
 
 
-def test_a_sphere_compared_at_its_manifolds_dimension(tmp_path):
+def test_a_sphere_compared_at_its_manifolds_dimension(tmp_path, capsys):
     """--latent-dim-offsets sphere=1: at latent size 2 the sphere run has latent_dim 3 (S^2 in R^3), sits in the
     same table as the Gaussian in R^2, paired with it, and the report says so."""
     out = tmp_path / "study"
@@ -73,10 +73,15 @@ def test_a_sphere_compared_at_its_manifolds_dimension(tmp_path):
     rows = _table(report, "## Latent size 2")
     assert set(rows) == {"normal", "sphere"} and "±" in rows["sphere"]["vs first (paired)"]
     assert "the sphere runs have latent_dim d + 1" in report and "## Latent size 3" not in report
-    assert main(["compare", "--priors", "normal,sphere", "--latent-dim-offsets", "sphere=one",
-                 "--out", str(tmp_path / "s2"), *TINY]) == 2
-    assert main(["compare", "--priors", "normal", "--latent-dim-offsets", "spherical=1",
-                 "--out", str(tmp_path / "s2"), *TINY]) == 2
+    for offsets, words in (("sphere=one", "PRIOR=N with N a whole number"), ("sphere=\u00b2", "whole number"),
+                           ("sphere=1,sphere=2", "names sphere twice"), ("spherical=1", "unknown priors spherical")):
+        assert main(["compare", "--priors", "normal,sphere", "--latent-dim-offsets", offsets,
+                     "--out", str(tmp_path / "s2"), *TINY]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    (tmp_path / "offsets.toml").write_text("[study]\nlatent_dim_offsets = {sphere = 1}\n")
+    assert main(["sweep-beta", "--config", str(tmp_path / "offsets.toml"), "--out", str(tmp_path / "s2"), *TINY]) == 2
+    assert "latent_dim_offsets is for compare" in capsys.readouterr().err
     assert not (tmp_path / "s2").exists()
 
 

@@ -51,8 +51,11 @@ def study_figures(group: list[Setting], out: Path, figures: Path, d: int) -> dic
         draw_latent_space(ax, r.vae, x[:1000], None if y is None else y[:1000], grid_size=120, title=lab)
     for ax in axes.ravel()[len(runs):]:
         ax.set_axis_off()
-    title = "aggregate posterior (codes of test images) over each prior's density" if d == 2 else \
-        "codes of test images (first two principal components) over prior draws projected the same way"
+    dims = {r.vae.latent_dim for r in runs.values()}  # a shifted run (latent_dim d + n) is drawn as a projection
+    title = ("aggregate posterior (codes of test images) over each prior's density" if dims == {2} else
+             "codes of test images (first two principal components) over prior draws projected the same way"
+             if 2 not in dims else "aggregate posterior over each prior's density (2-D latents); for the others, "
+             "codes and prior draws on their first two principal components")
     fig.suptitle(title)
     fig.tight_layout()
     made["aggregate posterior"] = save_figure(fig, figures / f"aggregate-posterior-z{d}.png")

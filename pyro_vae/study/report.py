@@ -172,9 +172,10 @@ def write_report(kind: str, settings: list[Setting], out: Path, command: str = "
         lines += [f"Published figures beside ours: {published['source']}", ""]
     shifted = {s.label: s.config.latent_dim - s.latent_dim for s in settings if s.config.latent_dim != s.latent_dim}
     if shifted:
+        why = (" (a sphere S^d lives in R^(d+1): compared at the manifold's dimension, as Davidson et al. 2018 do)"
+               if set(shifted) <= {"sphere"} else " ([study] latent_dim_offsets)")
         lines += ["At latent size d, " + ", ".join(f"the {lab} runs have latent_dim d + {n}" for lab, n in shifted.items())
-                  + " (a sphere S^d lives in R^(d+1): compared at the manifold's dimension, as Davidson et al. 2018 do).",
-                  ""]
+                  + why + "; their active units count out of d + the offset.", ""]
     for d in dict.fromkeys(s.latent_dim for s in settings):
         header, body = table(out, settings, d, published)
         lines += [f"## Latent size {d}", "", _markdown_table(header, body), ""]
