@@ -37,6 +37,9 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+"""log sqrt(2 pi), the Gaussian's normalising constant per dimension."""
+
 
 def first_order(backward):
     """``once_differentiable`` for an autograd function's ``backward``, and a clear error where a second
@@ -96,4 +99,4 @@ def logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     return _FlooredLogSumExp.apply(x, dim)
 
 
-__all__ = ["first_order", "logsumexp", "logsumexp_terms"]
+__all__ = ["HALF_LOG_2PI", "first_order", "logsumexp", "logsumexp_terms"]

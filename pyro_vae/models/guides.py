@@ -10,8 +10,6 @@ categorical. :func:`build_guide` chooses and checks.
 
 from __future__ import annotations
 
-import math
-
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
@@ -20,11 +18,11 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from ..errors import PyroVAEError
+from ..numerics import HALF_LOG_2PI
 from .base import Prior
 from .supports import bijection, reachable, unwrap_mixture
 
 MIN_SCALE = 1e-4
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def draw_with_log_prob(q: dist.Distribution, sample_shape: torch.Size = torch.Size()):

@@ -5,8 +5,6 @@ VampPrior, a mixture of the encoder's own posteriors at learned pseudo-inputs; a
 
 from __future__ import annotations
 
-import math
-
 import pyro
 import pyro.distributions as dist
 import torch
@@ -16,11 +14,10 @@ from torch import nn
 
 from ..config import Config
 from ..errors import PyroVAEError
-from ..numerics import first_order, logsumexp, logsumexp_terms
+from ..numerics import HALF_LOG_2PI, first_order, logsumexp, logsumexp_terms
 from .base import Prior
 
 _DEFAULTS = Config()
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class DiagonalNormalMixture(dist.TorchDistribution):
@@ -120,7 +117,7 @@ def _quadratic_forms(z, logits, loc, log_scale):
     backward pass): const + z @ (mu P)^T - 1/2 (z*z) @ P^T, two GEMMs that accumulate into one output."""
     precision = (-2.0 * log_scale).exp()
     const = (torch.log_softmax(logits, -1) - 0.5 * (loc * loc * precision).sum(-1) - log_scale.sum(-1)
-             - 0.5 * loc.shape[-1] * math.log(2 * math.pi))
+             - loc.shape[-1] * HALF_LOG_2PI)
     return torch.addmm(torch.addmm(const, z, (loc * precision).T), z * z, precision.T, alpha=-0.5)
 
 
@@ -193,7 +190,7 @@ def _quadratic_forward(z, logits, loc, log_scale):
     precision = torch.exp(log_scale * -2.0)
     a = loc * precision
     log_weights = torch.log_softmax(logits, -1)
-    const = torch.sub(log_weights, torch.addcmul(log_scale, loc, a, value=0.5).sum(-1)).sub_(d * _HALF_LOG_2PI)
+    const = torch.sub(log_weights, torch.addcmul(log_scale, loc, a, value=0.5).sum(-1)).sub_(d * HALF_LOG_2PI)
     w = torch.cat([a, precision, const.unsqueeze(1)], 1)  # (writing each block into a slice of one buffer,
     zz = torch.cat([z, torch.mul(z, z * -0.5), z.new_ones(n, 1)], 1)  # strided, cost more than the cat)
     return zz @ w.T, (zz, w, loc, precision, log_weights)

@@ -23,13 +23,13 @@ from torch import nn
 
 from ..config import Config
 from ..errors import PyroVAEError
+from ..numerics import HALF_LOG_2PI
 from .base import CallablePrior, FixedDistribution, Prior, as_prior, check_prior
 from .user_priors import OBJECT, UntrustedPrior, import_prior, prior_reference, with_arguments
 from .mixtures import EnumeratedMixture, MixtureOfGaussians, VampPrior
 from .sphere import PowerSpherical, UniformSphereDistribution, VonMisesFisher
 
 _DEFAULTS = Config()
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 # --------------------------------------------------------------------------- fixed priors
@@ -50,7 +50,7 @@ class StandardNormal(Prior):
 
     def log_density(self, z: torch.Tensor) -> torch.Tensor:
         """log N(z; 0, I) = -|z|^2 / 2 - d/2 log 2 pi, without building the distribution."""
-        return (z * z).sum(-1).mul(-0.5) - z.shape[-1] * _HALF_LOG_2PI
+        return (z * z).sum(-1).mul(-0.5) - z.shape[-1] * HALF_LOG_2PI
 
 
 class _Factorised(Prior):
