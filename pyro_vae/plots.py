@@ -15,6 +15,7 @@ import torch  # noqa: E402
 
 from .run_dir import atomic_write_bytes  # noqa: E402
 from .seeding import seeded  # noqa: E402
+from .subsets import describe, random_subset  # noqa: E402
 
 
 def save_figure(fig, path) -> Path:
@@ -62,13 +63,15 @@ def plot_samples(vae, path, n: int = 64, title: str = SAMPLES_TITLE) -> Path:
     return plot_images(vae.sample(n), vae.image_shape, path, title)
 
 
-def plot_reconstructions(vae, x: torch.Tensor, path, n: int = 32) -> Path:
-    """Pairs, set apart by white gaps: an input, then its reconstruction E[x | z = the centre of q(z | x)]."""
+def plot_reconstructions(vae, x: torch.Tensor, path, n: int = 32, what: str = "") -> Path:
+    """Pairs, set apart by white gaps: an input, then its reconstruction E[x | z = the centre of q(z | x)],
+    for the first ``n`` rows of ``x`` (the caller chooses them: a random subset, never a file's prefix);
+    ``what`` says which images they are, in the title."""
     x = x[:n]
     pairs = torch.stack([x, vae.reconstruct(x)], dim=1).reshape(2 * len(x), -1)
     gap = max(2, vae.image_shape[1] // 3)
-    return plot_images(pairs, vae.image_shape, path, "pairs: input, reconstruction E[x | z = centre of q(z|x)]",
-                       ncol=16, group=2, gap=gap)
+    title = "pairs: input, reconstruction E[x | z = centre of q(z|x)]" + (f"\n{what}" if what else "")
+    return plot_images(pairs, vae.image_shape, path, title, ncol=16, group=2, gap=gap)
 
 
 def plot_learning_curves(history: list[dict], path) -> Path:
@@ -223,11 +226,12 @@ def save_run_figures(run, data, test_x: torch.Tensor) -> None:
     Test images are shown in a fixed random order: some datasets' files are sorted by class."""
     figures = run.figures
     vae = run.vae
-    order = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))[:2000]
+    shown = random_subset(len(test_x), 2000, 0)
     with seeded(run.config.seed, vae.device):
         plot_samples(vae, figures / "samples.png")
-    plot_reconstructions(vae, test_x[order.to(test_x.device)], figures / "reconstructions.png")
+    plot_reconstructions(vae, shown.take(test_x), figures / "reconstructions.png",
+                         what=f"test images: {describe(shown.record())}")
     plot_learning_curves(run.history, figures / "learning_curves.png")
-    labels = None if data.test_labels is None else data.test_labels[order]
-    plot_latent_space(vae, test_x[order.to(test_x.device)], labels, figures / "latent_space.png")
+    labels = None if data.test_labels is None else shown.take(data.test_labels)
+    plot_latent_space(vae, shown.take(test_x), labels, figures / "latent_space.png")
     plot_prior_parameters(vae, figures / "prior.png")

@@ -236,8 +236,9 @@ def _pick(indices, obs: int | None, n: int, split: str, seed: int) -> list[int]:
     count = 4 if obs is None else obs
     if count > n:
         raise PyroVAEError(f"obs={count} but the {split} split has {n} data points")
-    gen = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(n, generator=gen)[:count].tolist())
+    from ..subsets import random_subset
+
+    return sorted(random_subset(n, count, seed).indices.tolist())
 
 
 __all__ = ["Analysis", "AnalysisSettings", "analyze", "analyze_run", "compute_gaps", "build_inference_data",

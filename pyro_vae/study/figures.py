@@ -14,6 +14,7 @@ from ..plots import (draw_latent_space, plot_image_rows, plot_prior_parameters, 
                      save_figure)
 from ..run_dir import load_run
 from ..seeding import seeded
+from ..subsets import describe, random_subset
 from .settings import Setting, stale_fields
 
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is set)
@@ -24,7 +25,10 @@ def study_figures(group: list[Setting], out: Path, figures: Path, d: int) -> dic
     reconstructions, interpolations, and the aggregate posterior."""
     runs = {s.label: _load(out, s) for s in group}
     any_run = next(iter(runs.values()))
-    x, y = any_run.split("test")
+    x_all, y_all = any_run.split("test")
+    shown = random_subset(len(x_all), FIGURE_POINTS, FIGURE_SEED)  # never the file's first images: it may be sorted
+    x, y = shown.take(x_all), None if y_all is None else shown.take(y_all)
+    which = f"test images: {describe(shown.record())}"
     shape = any_run.vae.image_shape
     made = {}
     with seeded(0, x.device):
@@ -38,12 +42,12 @@ def study_figures(group: list[Setting], out: Path, figures: Path, d: int) -> dic
     recon = {"data": x[:12]}
     recon.update({lab: r.vae.reconstruct(x[:12]) for lab, r in runs.items()})
     made["reconstructions"] = plot_image_rows(recon, shape, figures / f"reconstructions-z{d}.png",
-                                              f"test images and their reconstructions, latent size {d}")
+                                              f"test images and their reconstructions, latent size {d} (the first 12 of {which})")
     ends = {"endpoints": torch.cat([x[:1], torch.full_like(x[:8], 0.5), x[1:2]])}
     made["latent interpolations"] = plot_image_rows(
         {**ends, **{lab: _interpolate(r.vae, x[0], x[1]) for lab, r in runs.items()}}, shape,
-        figures / f"interpolations-z{d}.png", f"the two test images (first row, at the ends) and E[x | z] along "
-        f"the line between their codes, latent size {d}")
+        figures / f"interpolations-z{d}.png", f"two test images (first row, at the ends) and E[x | z] along "
+        f"the line between their codes, latent size {d} (the first two of {which})")
     ncol = min(4, len(runs))
     nrow = math.ceil(len(runs) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.8 * nrow), squeeze=False)
@@ -56,7 +60,7 @@ def study_figures(group: list[Setting], out: Path, figures: Path, d: int) -> dic
              "codes of test images (first two principal components) over prior draws projected the same way"
              if 2 not in dims else "aggregate posterior over each prior's density (2-D latents); for the others, "
              "codes and prior draws on their first two principal components")
-    fig.suptitle(title)
+    fig.suptitle(f"{title}\n({which})")
     fig.tight_layout()
     made["aggregate posterior"] = save_figure(fig, figures / f"aggregate-posterior-z{d}.png")
     for lab, r in runs.items():  # learned priors: mixture means and weights, pseudo-inputs
@@ -64,6 +68,13 @@ def study_figures(group: list[Setting], out: Path, figures: Path, d: int) -> dic
         if path is not None:
             made[f"the learned prior {lab}"] = path
     return made
+
+
+FIGURE_POINTS = 1000
+FIGURE_SEED = 0
+"""The study's figures show test images of one random subset (:func:`~pyro_vae.subsets.random_subset`): the
+codes of its 1,000 images in the aggregate-posterior panels, its first 12 reconstructed, its first two
+interpolated; the report says which."""
 
 
 def _load(out: Path, setting: Setting):
