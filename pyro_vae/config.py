@@ -21,6 +21,7 @@ NETWORKS = ("mlp", "gated-mlp", "conv")
 GUIDE_SCALES = ("softplus", "bounded-logvar")
 SCHEDULES = ("constant", "plateau", "cosine")
 PRIOR_INITS = ("random", "data")
+PRIOR_WEIGHTS = ("learned", "uniform")
 OPTIMIZERS = ("adam", "adam-normgrad")
 LOGS = ("none", "csv", "tensorboard", "mlflow")
 OBJECTIVES = ("trace", "analytic", "iwae")
@@ -65,7 +66,14 @@ class Config:
                               default=1.0)
     prior_df: float = _opt("student-t: degrees of freedom", default=3.0)
     prior_components: int = _opt("mog, mog-enum: components K; vamp: pseudo-inputs K", default=10)
-    prior_learnable: bool = _opt("mog, mog-enum: learn weights, means and scales (else fixed)", default=True)
+    prior_learnable: bool = _opt("mog, mog-enum: learn the means and scales (and the weights, see --prior-weights); "
+                                 "else all fixed", default=True)
+    prior_weights: str = _opt("mog, mog-enum: the mixture weights learned (softmax of logits) or uniform, fixed at "
+                              "1/K (the VampPrior authors' code's mixture priors)", choices=PRIOR_WEIGHTS,
+                              default="learned")
+    prior_reseed: bool = _opt("mog, mog-enum: after each epoch, a component used by fewer than a tenth of its "
+                              "uniform share of 5,000 random training codes is re-seeded at the posterior "
+                              "q(z|x) of a random training image", default=False)
     prior_flow: str = _opt("flow: the transforms", choices=FLOWS, default="spline-coupling")
     prior_flow_layers: int = _opt("flow: number of flow layers", default=2)
     prior_concentration: float = _opt("power-spherical, vmf, projected-normal: kappa; dirichlet: alpha", default=1.0)
@@ -96,6 +104,9 @@ class Config:
     network: str = _opt("encoder/decoder networks: mlp (softplus), gated-mlp (h = (W1 x + b1) * sigmoid(W2 x + b2), "
                         "He-initialised, as the VampPrior code), conv (28x28 images)", choices=NETWORKS, default="mlp")
     hidden_dim: int = _opt("width of the hidden layers", default=256)
+    decoder_hidden_dim: int = _opt("width of the decoder's hidden layers (0: hidden_dim); widening the decoder of "
+                                   "an N(0, I) run to a learned prior's parameter count is the parameter-matched "
+                                   "control", default=0)
     hidden_layers: int = _opt("number of hidden layers in the MLPs", default=2)
     # objective
     objective: str = _opt(
@@ -161,6 +172,8 @@ class Config:
         for name in ("lr", "prior_scale", "prior_df", "prior_concentration", "prior_temperature"):
             if not getattr(self, name) > 0:
                 raise PyroVAEError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.decoder_hidden_dim < 0:
+            raise PyroVAEError(f"decoder_hidden_dim must be >= 0 (0: hidden_dim), got {self.decoder_hidden_dim}")
         if not self.beta >= 0:
             raise PyroVAEError(f"beta must be >= 0, got {self.beta}")
         for name in ("clip_norm", "lr_min", "lr_patience"):

@@ -24,6 +24,7 @@ import torch
 from ..config import Config
 from ..data import Dataset, load_dataset
 from ..errors import PyroVAEError, RunInterrupted, TrainingDiverged
+from ..models.base import Prior
 from ..models.priors import UntrustedPrior, prior_reference
 from ..models.user_priors import module_folder
 from ..models.sizes import check_step_fits
@@ -238,6 +239,23 @@ def _train_epoch(step: TrainingStep, weight: KLWeight, vae: VAE, train_x: torch.
     return total / n
 
 
+PRIOR_FOLLOW_POINTS = 5000
+"""Training images (a random subset, new each epoch) whose codes a prior's ``after_epoch`` hook sees."""
+
+
+def _prior_after_epoch(vae: VAE, train_x: torch.Tensor, seed: int) -> dict | None:
+    """The prior's :meth:`~pyro_vae.models.base.Prior.after_epoch` on the codes of a random subset of
+    :data:`PRIOR_FOLLOW_POINTS` training images, drawn from a stream of ``seed`` (the training stream is
+    left where it was, so a resumed run draws what the uninterrupted one drew)."""
+    if type(vae.prior).after_epoch is Prior.after_epoch:
+        return None
+    vae.eval()
+    with seeded(seed, train_x.device), torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(train_x), generator=gen)[:PRIOR_FOLLOW_POINTS].to(train_x.device)
+        return vae.prior.after_epoch(vae.guide_dist, train_x[pick], gen)
+
+
 def _select_and_save(vae: VAE, step: TrainingStep, config: Config, files: RunFiles, info: dict,
                      state: _Progress, record: dict, valid_x: torch.Tensor) -> None:
     """Score the epoch (the validation ELBO; the beta-ELBO when beta != 1, the objective being trained),
@@ -313,11 +331,12 @@ def _loop(vae: VAE, config: Config, data: Dataset, files: RunFiles, info: dict, 
             started = time.perf_counter()
             kept = _kept(files.path, state.best_epoch)
             train_loss = _train_epoch(step, weight, vae, train_x, config, epoch, bar, kept)
+            followed = _prior_after_epoch(vae, train_x, config.seed + 4 * EVAL_SEED_OFFSET + epoch)
             valid_elbo = evaluate_elbo(vae, held_out["valid"], seed=config.seed + EVAL_SEED_OFFSET)
             if not math.isfinite(valid_elbo):
                 raise TrainingDiverged(f"the validation ELBO became {valid_elbo} at epoch {epoch + 1}. " + kept)
             record = {"epoch": epoch + 1, "train_loss": train_loss, "valid_elbo": valid_elbo, "beta": weight.value,
-                      "seconds": time.perf_counter() - started}
+                      "seconds": time.perf_counter() - started, **(followed or {})}
             _select_and_save(vae, step, config, files, info, state, record, held_out["valid"])
             bar.epoch(record, state.best)
             tracker.log(state.history)

@@ -16,6 +16,9 @@ to probe a prior with ``getattr``:
     needs_guide      True when the prior is made of the guide (the VampPrior): :meth:`attach` is
                      called with the guide before the first ``forward()``.
     preferred_guide  the guide family ``--guide auto`` picks (None: chosen from the support).
+    after_epoch      called by the training loop after each epoch's pass over the data, with the guide and
+                     a seeded random subset of the training images: a prior that follows the codes acts
+                     here (the mixture of Gaussians re-seeds its dead components). Default: nothing.
     log_density(z)   log p(z) as a tensor function of z (default: ``forward().log_prob(z)``); a prior may
                      compute the same numbers with fewer operations (N(0, I) does), which the direct
                      ELBO uses.
@@ -60,6 +63,11 @@ class Prior(nn.Module):
 
     def attach(self, guide: nn.Module) -> None:
         """Receive the guide (only called when ``needs_guide``). Default: nothing to do."""
+
+    def after_epoch(self, guide: nn.Module, x: torch.Tensor, generator: torch.Generator) -> dict | None:
+        """Act on the codes of ``x`` (a random subset of the training images) after an epoch; what is
+        returned goes into the epoch's record in history.json. Default: nothing."""
+        return None
 
     def initialise_from_data(self, x: torch.Tensor, seed: int) -> None:
         """Set the prior's parameters from training images ``x`` (``--prior-init data``). Default: the

@@ -98,18 +98,21 @@ NETWORKS = ("mlp", "gated-mlp", "conv")
 
 
 def build_networks(kind: str, data_dim: int, image_shape, latent_dim: int, hidden_dim: int, hidden_layers: int,
-                   encoder_out: int, decoder_out: int) -> tuple[nn.Module, nn.Module]:
-    """The (encoder, decoder) pair: encoder maps x (D) to ``encoder_out`` numbers, decoder z to ``decoder_out``."""
+                   encoder_out: int, decoder_out: int, decoder_hidden_dim: int | None = None
+                   ) -> tuple[nn.Module, nn.Module]:
+    """The (encoder, decoder) pair: encoder maps x (D) to ``encoder_out`` numbers, decoder z to ``decoder_out``;
+    the decoder's hidden layers ``decoder_hidden_dim`` wide (default ``hidden_dim``)."""
+    wide = decoder_hidden_dim or hidden_dim
     if kind in ("mlp", "gated-mlp"):
         make = mlp if kind == "mlp" else gated_mlp
         return (make(data_dim, hidden_dim, hidden_layers, encoder_out),
-                make(latent_dim, hidden_dim, hidden_layers, decoder_out))
+                make(latent_dim, wide, hidden_layers, decoder_out))
     if kind == "conv":
         from ..errors import PyroVAEError
 
         if tuple(image_shape) != (28, 28) or decoder_out != 784:
             raise PyroVAEError(f"the conv network needs 28x28 images, got {tuple(image_shape)}")
-        return ConvEncoder(encoder_out, hidden_dim), ConvDecoder(latent_dim, hidden_dim)
+        return ConvEncoder(encoder_out, hidden_dim), ConvDecoder(latent_dim, wide)
     from ..errors import PyroVAEError
 
     raise PyroVAEError(f"unknown network {kind!r}; choose one of {', '.join(NETWORKS)}")

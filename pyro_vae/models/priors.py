@@ -285,6 +285,8 @@ class PriorOptions:
     df: float = _DEFAULTS.prior_df
     components: int = _DEFAULTS.prior_components
     learnable: bool = _DEFAULTS.prior_learnable
+    weights: str = _DEFAULTS.prior_weights
+    reseed: bool = _DEFAULTS.prior_reseed
     flow: str = _DEFAULTS.prior_flow
     flow_layers: int = _DEFAULTS.prior_flow_layers
     concentration: float = _DEFAULTS.prior_concentration
@@ -296,7 +298,8 @@ class PriorOptions:
     @classmethod
     def from_config(cls, config: Config, data_dim: int | None = None) -> "PriorOptions":
         return cls(scale=config.prior_scale, df=config.prior_df, components=config.prior_components,
-                   learnable=config.prior_learnable, flow=config.prior_flow, flow_layers=config.prior_flow_layers,
+                   learnable=config.prior_learnable, weights=config.prior_weights,
+                   reseed=config.prior_reseed, flow=config.prior_flow, flow_layers=config.prior_flow_layers,
                    concentration=config.prior_concentration, temperature=config.prior_temperature,
                    data_dim=data_dim, args=tuple(sorted(config.prior_args.items())), path=config.prior_path)
 
@@ -308,8 +311,8 @@ PRIORS: dict[str, Callable[[int, PriorOptions], Prior]] = {
     "student-t": lambda d, o: StudentT(d, o.df, o.scale),
     "logistic": lambda d, o: Logistic(d, o.scale),
     "uniform": lambda d, o: UniformBox(d, o.scale),
-    "mog": lambda d, o: MixtureOfGaussians(d, o.components, o.learnable),
-    "mog-enum": lambda d, o: EnumeratedMixture(d, o.components, o.learnable),
+    "mog": lambda d, o: MixtureOfGaussians(d, o.components, o.learnable, o.weights, o.reseed),
+    "mog-enum": lambda d, o: EnumeratedMixture(d, o.components, o.learnable, o.weights, o.reseed),
     "vamp": lambda d, o: VampPrior(d, _need_data_dim(o), o.components),
     "flow": lambda d, o: FlowPrior(d, o.flow, o.flow_layers),
     "sphere": lambda d, o: UniformSphere(d),
@@ -327,6 +330,7 @@ FLOWS = ("spline-coupling", "affine-autoregressive")
 USES = {"prior_scale": ("laplace", "logistic", "uniform", "student-t"), "prior_df": ("student-t",),
         "prior_components": ("mog", "mog-enum", "vamp"),
         "prior_learnable": ("mog", "mog-enum", "power-spherical", "vmf"),
+        "prior_weights": ("mog", "mog-enum"), "prior_reseed": ("mog", "mog-enum"),
         "prior_flow": ("flow",), "prior_flow_layers": ("flow",), "prior_init": ("vamp",),
         "prior_concentration": ("projected-normal", "dirichlet", "power-spherical", "vmf"),
         "prior_temperature": ("relaxed-categorical",)}

@@ -15,7 +15,7 @@ def parameter_count(config: Config, data_dim: int) -> float:
     """About how many parameters the model has (networks, guide flow, prior), as a float (it may be huge)."""
     d, h, layers = float(config.latent_dim), float(config.hidden_dim), float(config.hidden_layers)
     guide_out = {"full-covariance": d + d * (d + 1) / 2, "iaf": 2 * d + 16}.get(config.guide, 2 * d)
-    count = _mlp(data_dim, h, layers, guide_out) + _mlp(d, h, layers, data_dim)
+    count = _mlp(data_dim, h, layers, guide_out) + _mlp(d, float(config.decoder_hidden_dim or h), layers, data_dim)
     if config.guide == "iaf":  # conditional affine autoregressive layers: hidden width 10 d
         count += config.guide_flow_layers * (10 * d) * (d + 16 + 2 * d)
     prior = config.prior

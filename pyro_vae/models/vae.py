@@ -103,7 +103,8 @@ def build_vae(config: Config, data_dim: int, image_shape, binary: bool, prior=No
     def encoder_factory(outputs: int) -> nn.Module:
         nonlocal decoder
         encoder, decoder = build_networks(config.network, data_dim, image_shape, d, config.hidden_dim,
-                                          config.hidden_layers, encoder_out=outputs, decoder_out=data_dim)
+                                          config.hidden_layers, encoder_out=outputs, decoder_out=data_dim,
+                                          decoder_hidden_dim=config.decoder_hidden_dim or None)
         return encoder
 
     guide = build_guide(config.guide, encoder_factory, d, prior_module, temperature=config.prior_temperature,
