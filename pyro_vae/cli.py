@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("run", type=Path, metavar="RUN", help="a run directory")
     recon.add_argument("--n", type=int, default=32, help="how many images (default: 32)")
     recon.add_argument("--split", choices=("train", "valid", "test"), default="test", help="which split (default: test)")
+    recon.add_argument("--seed", type=int, default=0,
+                       help="the images are a random subset of the split drawn from this seed (default: 0)")
+    recon.add_argument("--indices", type=str,
+                       help="comma-separated indices into the split to reconstruct instead (e.g. 0,5,17)")
     recon.add_argument("--out", type=Path, help="PNG to write (default: RUN/figures/reconstructions-<split>.png)")
     recon.add_argument("--trust-prior", action="store_true", help=TRUST_HELP)
     evaluate = sub.add_parser("evaluate", help="measure a trained run: log-likelihood, rate/distortion, holes, samples",
@@ -109,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", type=Path, metavar="RUN", help="a run directory")
     evaluate.add_argument("--k", type=int, default=1000,
                           help="importance samples per data point for log p(x) (default: 1000; 5000 for tighter)")
-    evaluate.add_argument("--n-test", type=int, help="evaluate on this many test points (default: all)")
+    evaluate.add_argument("--n-test", type=int, help="evaluate on this many test points, a random subset drawn "
+                          "from --seed (default: all)")
+    evaluate.add_argument("--reuse-loglik", action="store_true",
+                          help="keep the per-point log p(x) of an earlier evaluation of the same points, K and seed "
+                          "(loglik_per_point.npy) and measure everything else again")
     evaluate.add_argument("--samples", type=int, default=1000, help="generated images for sample metrics (default: 1000)")
     evaluate.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     evaluate.add_argument("--trust-prior", action="store_true", help=TRUST_HELP)
@@ -125,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
             study.add_argument("--latent-dim-offsets", metavar="PRIOR=N,...",
                                help="a prior's runs at latent size d get latent_dim d + N, e.g. sphere=1: S^d lives "
                                     "in R^(d+1), as Davidson et al. compare them (default: none)")
+            study.add_argument("--parameter-matched", metavar="PRIOR",
+                               help="add the parameter-count control: beside each PRIOR run, an N(0, I) run whose "
+                                    "decoder is widened to that run's parameter count (normal-wide; default: none)")
         else:
             study.add_argument("--betas", help=f"comma-separated betas (default: {STUDY_DEFAULTS['betas']})")
         study.add_argument("--latent-dims", help="comma-separated latent sizes (default: 2)")
@@ -169,7 +180,16 @@ def cmd_study(args: argparse.Namespace) -> int:
         if args.config and args.priors is None and not args.trust_prior:
             _refuse_module_priors(args.config, priors)
         settings = compare_settings(base, priors, dims, options["seeds"], _offsets(args, options))
+        matched = args.parameter_matched if args.parameter_matched is not None else options.get("parameter_matched")
+        if matched:
+            from .data import load_dataset
+            from .study.settings import parameter_matched_settings
+
+            data = load_dataset(base.dataset, base.data_root, download=base.download)
+            settings += parameter_matched_settings(settings, matched, data.dim, data.image_shape)
     else:
+        if options.get("parameter_matched"):
+            raise PyroVAEError(f"{args.config}: [study] parameter_matched is for compare (sweep-beta trains one prior)")
         if options.get("latent_dim_offsets"):
             raise PyroVAEError(f"{args.config}: [study] latent_dim_offsets is for compare (sweep-beta trains one "
                                "prior, at the sizes --latent-dims gives)")
@@ -229,7 +249,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if warning:
         print(f"pyro-vae: warning: {warning}", file=sys.stderr)
     metrics = evaluate(run, num_particles=args.k, max_points=args.n_test, seed=args.seed,
-                       num_samples=args.samples, progress=not args.quiet)
+                       num_samples=args.samples, progress=not args.quiet, reuse_loglik=args.reuse_loglik)
     print(format_table(metrics))
     print(f"written: {run.path / METRICS}")
     return 0
@@ -352,14 +372,36 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from .outputs import check_output_file
     from .plots import plot_reconstructions
     from .run_dir import load_run
+    from .subsets import describe, random_subset
 
     _check_count("--n", args.n)
+    _check_seed(args.seed)
     run = load_run(args.run, trust=args.trust_prior)
     out = check_output_file(args.out or run.figures / f"reconstructions-{args.split}.png")
     x, _ = run.split(args.split)  # binarized as in training, where it was
-    plot_reconstructions(run.vae, x, out, n=args.n)
+    if args.indices is not None:
+        chosen = _parse_indices(args.indices, len(x))
+        what = f"images {args.indices} of the {args.split} split"
+    else:
+        subset = random_subset(len(x), args.n, args.seed)
+        chosen, what = subset.indices, f"{args.split} images: {describe(subset.record())}"
+    plot_reconstructions(run.vae, x[chosen.to(x.device)], out, n=len(chosen), what=what)
     print(out)
     return 0
+
+
+def _parse_indices(text: str, total: int):
+    """``--indices 0,5,17``: whole numbers within the split, refused by name otherwise."""
+    import torch
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise PyroVAEError(f"--indices must be comma-separated whole numbers, got {text!r}") from None
+    bad = [v for v in values if not 0 <= v < total]
+    if not values or bad:
+        raise PyroVAEError(f"--indices must name images 0..{total - 1} of the split, got {text!r}")
+    return torch.tensor(values)
 
 
 # --------------------------------------------------------------------------- pyro-vae analyze

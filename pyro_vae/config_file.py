@@ -28,7 +28,7 @@ from .errors import PyroVAEError
 RECIPES = Path(__file__).resolve().parent / "recipes"
 STUDY_OPTIONS = {"priors": (list, str), "betas": (list, (int, float)), "latent_dims": (list, int),
                  "seeds": (int, None), "k": (int, None), "published": (dict, None),
-                 "latent_dim_offsets": (dict, int)}
+                 "latent_dim_offsets": (dict, int), "parameter_matched": (str, None)}
 
 
 @dataclass
@@ -118,8 +118,21 @@ def check_published(published, path: Path | str = "[study]") -> None:
         raise PyroVAEError(f"{path}: [study.published] must be a table")
     if not isinstance(published.get("source"), str) or not published["source"].strip():
         raise PyroVAEError(f"{path}: [study.published] needs a source = \"...\" (who reported the figures, in what units)")
+    setting = published.get("setting")
+    if setting is not None:
+        if not isinstance(setting, dict):
+            raise PyroVAEError(f"{path}: [study.published.setting] must be a table")
+        unknown = sorted(set(setting) - set(SETTING_KEYS))
+        if unknown:
+            raise PyroVAEError(f"{path}: [study.published.setting] has unknown keys {', '.join(unknown)}; "
+                               f"choose from {', '.join(SETTING_KEYS)}")
+        for key, value in setting.items():
+            want = str if key == "dataset" else int
+            if not isinstance(value, want) or isinstance(value, bool) or (want is int and value < 1):
+                raise PyroVAEError(f"{path}: [study.published.setting] {key} must be "
+                                   f"{'a string' if want is str else 'a whole number >= 1'}, got {value!r:.40}")
     for label, value in published.items():
-        if label == "source":
+        if label in ("source", "setting"):
             continue
         entries = value.items() if isinstance(value, dict) else [(None, value)]
         for size, number in entries:
@@ -133,7 +146,45 @@ def check_published(published, path: Path | str = "[study]") -> None:
 
 def published_value(published: dict | None, label: str, latent_dim: int) -> float | None:
     """The published figure for a label at a latent size (None if the source has none)."""
-    value = (published or {}).get(label)
+    value = (published or {}).get(label) if label not in ("source", "setting") else None
     if isinstance(value, dict):
         value = value.get(str(latent_dim))
     return None if value is None else float(value)
+
+
+SETTING_KEYS = ("dataset", "prior_components", "k", "epochs", "test_points")
+"""What ``[study.published.setting]`` may state of the source's measurement: the dataset (as ``--dataset``
+names it), the mixture/VampPrior components K, the importance samples of log p(x), the most epochs it
+trained (its budget) and the test points it averaged over. The latent size is a figure's own key."""
+
+BUDGET_SHARE = 0.1
+"""A study trained for less than this share of the source's epochs is not compared with it at all."""
+
+
+def published_comparison(published: dict | None, config, k: int, test_points: int, prior: str) -> tuple[list[str], str]:
+    """Whether a study's figure (a run of ``config``, log p(x) with ``k`` samples on ``test_points``) may sit
+    beside the source's: the list of what differs (empty: comparable) and a note on the budget ("300 of up
+    to 2000 epochs", or ""). The dataset, K, the test points and, for mixture priors, the components must
+    match; the budget may fall short, and then the note says by how much, unless the study trained for
+    less than a tenth of the source's epochs, which counts as a difference."""
+    setting = (published or {}).get("setting")
+    if not setting:
+        return ["the source's setting is not stated ([study.published.setting])"], ""
+    differs = []
+    if "dataset" in setting and setting["dataset"] != config.dataset:
+        differs.append(f"dataset {config.dataset!r} (source: {setting['dataset']!r})")
+    if "k" in setting and setting["k"] != k:
+        differs.append(f"K = {k} importance samples (source: {setting['k']})")
+    if "test_points" in setting and setting["test_points"] != test_points:
+        differs.append(f"{test_points} test points (source: {setting['test_points']})")
+    if ("prior_components" in setting and prior in ("mog", "mog-enum", "vamp")
+            and setting["prior_components"] != config.prior_components):
+        differs.append(f"K = {config.prior_components} components (source: {setting['prior_components']})")
+    note = ""
+    if "epochs" in setting:
+        ours, theirs = config.epochs, setting["epochs"]
+        if ours < BUDGET_SHARE * theirs:
+            differs.append(f"a budget of {ours} epochs (source: up to {theirs})")
+        elif ours < theirs:
+            note = f"budget {ours} of the source's up to {theirs} epochs ({100 * ours / theirs:.0f}%)"
+    return differs, note

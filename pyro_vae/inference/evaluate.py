@@ -14,49 +14,71 @@ from tqdm.auto import tqdm
 from ..errors import PyroVAEError
 from ..run_dir import METRICS, PER_POINT, Run
 from ..seeding import seeded
-from .metrics import (ExPostMixture, active_units, aggregate_posterior, elbo_per_datapoint, iw_log_likelihood,
-                      mean_and_stderr, rate_and_distortion, sharpness_ratio)
+from ..subsets import describe, random_subset
+from .metrics import (ExPostMixture, active_units, aggregate_posterior, components_in_use, elbo_per_datapoint,
+                      iw_log_likelihood, mean_and_stderr, parameter_counts, prior_gap, rate_and_distortion,
+                      sharpness_ratio)
 
 
 def ex_post_mixture(run: Run, seed: int = 0, max_points: int = 10_000) -> ExPostMixture:
-    """The ex-post Gaussian mixture of a run (Ghosh et al. 2020), fitted to the codes of its first
-    ``max_points`` training images as training saw them (binarized under ``--binarize``): the one fit
-    that ``evaluate`` and the study's figures share."""
-    return ExPostMixture(run.vae, run.split("train")[0][:max_points], seed=seed)
+    """The ex-post Gaussian mixture of a run (Ghosh et al. 2020), fitted to the codes of ``max_points``
+    random training images (:func:`~pyro_vae.subsets.random_subset` of ``seed``) as training saw them
+    (binarized under ``--binarize``): the one fit that ``evaluate`` and the study's figures share."""
+    train = run.split("train")[0]
+    return ExPostMixture(run.vae, random_subset(len(train), max_points, seed).take(train), seed=seed)
 
 
 def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None, seed: int = 0,
-             num_samples: int = 1000, progress: bool = True, save: bool = True) -> dict:
+             num_samples: int = 1000, progress: bool = True, save: bool = True,
+             reuse_loglik: bool = False) -> dict:
     """All metrics of a run on its test split. ``num_particles``: K for the importance-weighted
-    log-likelihood; ``max_points``: evaluate on the first N test points only (in a fixed random order)."""
+    log-likelihood; ``max_points``: evaluate on that many test points drawn at random from ``seed`` (the
+    whole split by default). Every measurement on fewer points than it is given (the aggregate posterior,
+    the sharpness reference, the training images) takes a random subset of ``seed``; metrics.json's
+    ``subsets`` records each one.
+
+    ``reuse_loglik``: keep the per-point log p(x) that an earlier evaluation saved (loglik_per_point.npy)
+    instead of estimating it again, where that evaluation covered the same points with the same K and
+    seed (it is refused otherwise): re-evaluating a run after a change to the other measurements costs
+    minutes instead of the K decoder passes per point."""
     if num_particles < 1 or num_samples < 2:
         raise PyroVAEError("--k must be >= 1 and --samples >= 2")
     check_evaluation_fits(run.vae, num_particles, num_samples)
     vae = run.vae.eval()
     data = run.dataset()
     x, labels = run.split("test")
-    if max_points is not None:
-        if max_points < 2:
-            raise PyroVAEError("--n-test must be >= 2")
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:max_points]
-        x = x[order.to(x.device)]
+    if max_points is not None and max_points < 2:
+        raise PyroVAEError("--n-test must be >= 2")
+    test = random_subset(len(x), max_points, seed)
+    x = test.take(x)
+    labels = None if labels is None else test.take(labels)
+    kept = _reusable_loglik(run, test, num_particles, seed) if reuse_loglik else None
     started = time.perf_counter()
-    stages = ["ELBO", f"log p(x), K={num_particles}", "rate/distortion", "aggregate posterior", "samples"]
+    stages = ["ELBO", f"log p(x), K={num_particles}", "rate/distortion", "aggregate posterior", "prior gap",
+              "samples"]
     bar = tqdm(stages, desc="evaluate", disable=not progress)
-    out: dict = {"num_test_points": len(x), "num_particles": num_particles, "seed": seed}
+    out: dict = {"num_test_points": len(x), "num_particles": num_particles, "seed": seed,
+                 "subsets": {"test": test.record()}}
     with seeded(seed, x.device):
         bar.set_postfix_str(stages[0])
         elbo = elbo_per_datapoint(vae, x, num_particles=10)
         out["elbo"] = mean_and_stderr(elbo)
         bar.update()
         bar.set_postfix_str(stages[1])
-        loglik = iw_log_likelihood(vae, x, num_particles=num_particles, progress=progress)
+        if kept is not None:
+            loglik = kept.to(elbo.device, elbo.dtype)
+            out["log_likelihood_reused"] = True
+        else:
+            loglik = iw_log_likelihood(vae, x, num_particles=num_particles, progress=progress)
         out["log_likelihood"] = mean_and_stderr(loglik)
         # the same bound on (at most 1000) training images: train far above test is overfitting, both low
         # is under-fitting
-        train_x = run.split("train")[0][:TRAIN_POINTS]
+        train_all = run.split("train")[0]
+        train_subset = random_subset(len(train_all), TRAIN_POINTS, seed)
+        train_x = train_subset.take(train_all)
         out["train_log_likelihood"] = mean_and_stderr(iw_log_likelihood(vae, train_x, num_particles=num_particles))
         out["num_train_points"] = len(train_x)
+        out["subsets"]["train_log_likelihood"] = train_subset.record()
         out["gap_loglik_minus_elbo"] = mean_and_stderr(loglik - elbo)
         bar.update()
         bar.set_postfix_str(stages[2])
@@ -67,21 +89,50 @@ def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None,
         out.update(active_units(vae, x))
         bar.update()
         bar.set_postfix_str(stages[3])
-        n_agg = min(len(x), AGGREGATE_POINTS)
-        out["aggregate_posterior"] = aggregate_posterior(vae, x[:n_agg])
+        agg = random_subset(len(x), AGGREGATE_POINTS, seed)
+        out["aggregate_posterior"] = aggregate_posterior(vae, agg.take(x))
         # ELBO surgery compares like with like: the rate on the same N points as I(x;z) + marginal KL
-        out["aggregate_posterior"]["rate_same_points"] = mean_and_stderr(rd["rate"][:n_agg])
+        out["aggregate_posterior"]["rate_same_points"] = mean_and_stderr(agg.take(rd["rate"]))
+        out["subsets"]["aggregate_posterior"] = agg.record()
+        usage = components_in_use(vae, agg.take(x))
+        if usage is not None:
+            out["mixture"] = usage
         bar.update()
         bar.set_postfix_str(stages[4])
-        out.update(_sample_metrics(run, data, x, labels if max_points is None else None, num_samples, seed))
+        out["prior_gap"] = prior_gap(vae, x, train_all)
+        bar.update()
+        bar.set_postfix_str(stages[5])
+        samples = _sample_metrics(run, data, x, labels, num_samples, seed)
+        out["subsets"].update(samples.pop("subsets_samples"))
+        out.update(samples)
         bar.update()
     bar.close()
+    out["parameters"] = parameter_counts(vae)
     out["likelihood"] = type(vae.likelihood).__name__
     out["warnings"] = health_warnings(run.info, run.config.epochs, out)
     out["seconds"] = time.perf_counter() - started
     if save:
         run.files.write_metrics(out, loglik.cpu().numpy())
     return out
+
+
+def _reusable_loglik(run: Run, test, num_particles: int, seed: int):
+    """The per-point log p(x) an earlier evaluation of the same points, K and seed saved, or a refusal."""
+    files = run.files
+    try:
+        old = files.read_metrics()
+        values = files.read_loglik_per_point()
+    except (PyroVAEError, OSError, ValueError) as e:
+        raise PyroVAEError(f"--reuse-loglik: {files.path} has no earlier evaluation to reuse ({e})") from None
+    old_test = old.get("subsets", {}).get("test", {"n": old.get("num_test_points"), "of": old.get("num_test_points"),
+                                                   "seed": None})
+    same = (old.get("num_particles") == num_particles and old_test.get("n") == len(test)
+            and old_test.get("of") == test.of and (test.whole or old_test.get("seed") == test.seed)
+            and len(values) == len(test) and (test.whole or old.get("seed") == seed))
+    if not same:
+        raise PyroVAEError(f"--reuse-loglik: the saved log p(x) of {files.path} is of other points or another K "
+                           f"(K={old.get('num_particles')}, {old.get('num_test_points')} points); evaluate without it")
+    return torch.as_tensor(values)
 
 
 TRAIN_POINTS = 1000
@@ -103,6 +154,11 @@ def health_warnings(info: dict, max_epochs: int, metrics: dict) -> list[str]:
     if info.get("status") == "finished" and best is not None and best == done and not info.get("stopped_early"):
         out.append(f"not converged: the best epoch is the last one ({done} of at most {max_epochs}); "
                    "the validation ELBO was still rising: train longer")
+    mixture = metrics.get("mixture")
+    if mixture and mixture["components_in_use"] < mixture["num_components"] / 10:
+        out.append(f"mixture collapsed: {mixture['components_in_use']:.1f} of {mixture['num_components']} components "
+                   "in use (the effective number of the codes' mean responsibilities): the prior is nearly a "
+                   "mixture of that many components")
     if info.get("status") != "finished":
         out.append(f"the run is marked {info.get('status')!r}, not finished: these are its best weights so far")
     return out
@@ -131,27 +187,32 @@ def check_evaluation_fits(vae, num_particles: int, num_samples: int) -> None:
 def _sample_metrics(run: Run, data, x, labels, num_samples: int, seed: int) -> dict:
     vae = run.vae
     shape = vae.image_shape
-    n = min(num_samples, len(x))
-    recon = vae.reconstruct(x[:n])
+    reference = random_subset(len(x), num_samples, seed)
+    x_ref = reference.take(x)
+    recon = vae.reconstruct(x_ref)
     prior_samples = vae.sample(num_samples)
     ex_post = ex_post_mixture(run, seed=seed)
     ex_post_samples = vae.decode(ex_post.sample(num_samples))
     out = {
         "sharpness": {
-            "reconstructions": sharpness_ratio(recon, x[:n], shape),
-            "prior_samples": sharpness_ratio(prior_samples, x[:n], shape),
-            "ex_post_samples": sharpness_ratio(ex_post_samples, x[:n], shape),
-        }
+            "reconstructions": sharpness_ratio(recon, x_ref, shape),
+            "prior_samples": sharpness_ratio(prior_samples, x_ref, shape),
+            "ex_post_samples": sharpness_ratio(ex_post_samples, x_ref, shape),
+        },
+        "subsets_samples": {"sharpness_reference": reference.record()},
     }
     if labels is not None and data.train_labels is not None:
         from .sample_quality import reference_classifier, sample_quality
 
         clf, accuracy = reference_classifier(data)
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 1)).to(x.device)
+        first, second = x[order[: len(x) // 2]], x[order[len(x) // 2 :]]
         out["sample_quality"] = {
             "classifier_test_accuracy": accuracy,
             "prior": sample_quality(clf, prior_samples, x),
             "ex_post": sample_quality(clf, ex_post_samples, x),
-            "test_images": sample_quality(clf, x[: len(x) // 2], x[len(x) // 2 :]),
+            "test_images": sample_quality(clf, first, second),
+            "test_halves": f"a random split of the test points into halves (torch.randperm, seed {seed + 1})",
             "reconstructions": sample_quality(clf, recon, x),
         }
     return out
@@ -166,7 +227,8 @@ def format_table(metrics: dict) -> str:
 
     agg = metrics["aggregate_posterior"]
     rows = [
-        ("test points", f"{metrics['num_test_points']:10d}"),
+        ("test points", f"{metrics['num_test_points']:10d}"
+         + (f"  ({describe(metrics['subsets']['test'])})" if "subsets" in metrics else "")),
         ("ELBO (nats)", pm(metrics["elbo"])),
         (f"log p(x), K={metrics['num_particles']}", pm(metrics["log_likelihood"])),
         *([(f"  on {metrics['num_train_points']} training images", pm(metrics["train_log_likelihood"]))]
@@ -175,7 +237,8 @@ def format_table(metrics: dict) -> str:
         ("rate KL(q(z|x)||p(z))" + ("" if metrics["rate_closed_form"] else " [MC]"), pm(metrics["rate"])),
         ("distortion -E log p(x|z)", pm(metrics["distortion"])),
         ("active units", f"{metrics['active_units']:10d}"),
-        (f"aggregate posterior over N = {agg['num_points']} test points", ""),
+        (f"aggregate posterior over N = {agg['num_points']} test points"
+         + (f" ({describe(metrics['subsets']['aggregate_posterior'])})" if "subsets" in metrics else ""), ""),
         ("  rate on these N points", pm(agg["rate_same_points"]) if "rate_same_points" in agg else "         -"),
         ("  I + marginal KL (= that rate)", pm(agg["rate_from_surgery"])),
         ("  mutual information I(x;z)", pm(agg["mutual_information"]) + f"  (<= log N = {agg['mutual_information_bound']:.2f})"),
@@ -185,6 +248,17 @@ def format_table(metrics: dict) -> str:
         ("sharpness: prior samples", f"{metrics['sharpness']['prior_samples']:10.3f}"),
         ("sharpness: ex-post samples", f"{metrics['sharpness']['ex_post_samples']:10.3f}"),
     ]
+    mix = metrics.get("mixture")
+    if mix:
+        rows.append((f"mixture: components in use (of {mix['num_components']})",
+                     f"{mix['components_in_use']:10.1f}  (weights' effective number {mix['weights_effective_number']:.1f})"))
+    if "prior_gap" in metrics:
+        rows.append(("prior gap: ELBO(aggregate q(z)) - ELBO", pm(metrics["prior_gap"]["gap"])
+                     + f"  (q(z) of {metrics['prior_gap']['num_train_points']} training images)"))
+    if "parameters" in metrics:
+        p = metrics["parameters"]
+        rows.append(("parameters: encoder / decoder / prior",
+                     f"{p['encoder']:10d} / {p['decoder']} / {p['prior']}  (total {p['total']})"))
     sq = metrics.get("sample_quality")
     if sq:
         rows.append(("classifier test accuracy", f"{sq['classifier_test_accuracy']:10.3f}"))

@@ -245,3 +245,67 @@ class ExPostMixture:
         z, _ = self.gmm.sample(n)
         z = torch.as_tensor(z, dtype=torch.float32, device=self.device)
         return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12) if self.sphere else z
+
+
+# --------------------------------------------------------------------------- what the prior costs
+
+
+@torch.no_grad()
+def prior_gap(vae, x: torch.Tensor, train_x: torch.Tensor, num_particles: int = 4, batch_size: int = 500) -> dict:
+    """What any prior could still give this encoder and decoder: the ELBO with the prior replaced by the
+    aggregate posterior of the training images, q(z) = (1/N) sum_n q(z | x_n) (all N of them), minus the
+    ELBO with the run's own prior. q(z) maximises E_x E_q(z|x) log p(z) over all priors p for a fixed
+    encoder (Hoffman & Johnson 2016, the VampPrior paper's motivation); the difference per test point,
+
+        gap(x) = E_{z ~ q(z|x)} [log q(z) - log p(z)],
+
+    is estimated with ``num_particles`` draws per test point (the same draws for both ELBOs, so the
+    reconstruction and entropy terms cancel). The training images' own q(z|x_n) are the components: the
+    test points are not among them, so q(z) is a held-out prior. Returns the mean gap in nats with its
+    standard error over test points, and N."""
+    gaps = []
+    prior = vae.prior()
+    for i in range(0, x.shape[0], batch_size):
+        q = vae.guide_dist(x[i : i + batch_size])
+        z = q.sample((num_particles,))  # (S, n, d)
+        flat = z.reshape(-1, z.shape[-1])
+        diff = _log_q_aggregate(vae, flat, train_x) - prior.log_prob(flat).double()
+        gaps.append(diff.reshape(num_particles, -1).mean(0))
+    gap = torch.cat(gaps)
+    return {"gap": mean_and_stderr(gap), "num_train_points": train_x.shape[0], "num_particles": num_particles,
+            "aggregate_of": "all training images"}
+
+
+@torch.no_grad()
+def components_in_use(vae, x: torch.Tensor) -> dict | None:
+    """For a mixture prior p(z) = sum_k w_k p_k(z): how many of its K components the codes use. With one
+    draw z_n ~ q(z | x_n) per point and responsibilities r_nk = w_k p_k(z_n) / p(z_n), the usage is
+    u_k = (1/N) sum_n r_nk and its effective number exp(H(u)) (K when the codes spread over all components
+    evenly, 1 when one component explains every code); the weights' effective number exp(H(w)) beside it.
+    None for a prior that is not a mixture."""
+    from ..models.mixtures import DiagonalNormalMixture, effective_number
+
+    prior = vae.prior()
+    z = vae.guide_dist(x).sample()
+    if isinstance(prior, DiagonalNormalMixture):
+        log_r = prior.component_log_prob(z)
+        weights = torch.softmax(prior.logits, -1)
+    elif isinstance(prior, torch.distributions.MixtureSameFamily):
+        weights = prior.mixture_distribution.probs
+        log_r = prior.component_distribution.log_prob(z.unsqueeze(-2)) + weights.log()
+    else:
+        return None
+    usage = torch.softmax(log_r.double(), -1).mean(0)
+    k = usage.numel()
+    return {"num_components": k, "components_in_use": effective_number(usage),
+            "weights_effective_number": effective_number(weights), "largest_weight": float(weights.max()),
+            "most_responsible_distinct": int(log_r.argmax(-1).unique().numel()), "num_points": x.shape[0]}
+
+
+def parameter_counts(vae) -> dict:
+    """The model's parameters by part: encoder (the guide's networks), decoder, prior (its own: the
+    VampPrior's pseudo-inputs, a mixture's means, scales and weights, a flow's layers) and likelihood."""
+    parts = {"encoder": vae.guide_dist, "decoder": vae.decoder, "prior": vae.prior, "likelihood": vae.likelihood}
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+    counts["total"] = sum(counts.values())
+    return counts

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..inference.evaluate import health_warnings, likelihood_note
 from ..run_dir import RunFiles, atomic_write_bytes
+from ..subsets import describe
 from .figures import beta_plot, study_figures
 from .settings import Setting
 
@@ -34,6 +35,13 @@ def metric_row(out: Path, setting: Setting) -> dict:
         "sharp_recon": m["sharpness"]["reconstructions"], "sharp_samples": m["sharpness"]["prior_samples"],
         "sharp_ex_post": m["sharpness"]["ex_post_samples"],
     }
+    if "prior_gap" in m:
+        row.update(prior_gap=m["prior_gap"]["gap"][0], prior_gap_se=m["prior_gap"]["gap"][1])
+    if "mixture" in m:
+        row["components_in_use"] = m["mixture"]["components_in_use"]
+    if "parameters" in m:
+        p = m["parameters"]
+        row["parameters"] = f"{p['encoder']:,} / {p['decoder']:,} / {p['prior']:,}"
     sq = m.get("sample_quality")
     if sq:
         row.update(fd_prior=sq["prior"]["frechet_distance"], fd_ex_post=sq["ex_post"]["frechet_distance"],
@@ -53,6 +61,8 @@ def budget(out: Path, setting: Setting) -> str:
 
 COLUMNS = [  # (key, header, format)
     ("loglik", "log p(x)", "{:.2f}"), ("paired", "vs first (paired)", None),
+    ("prior_gap", "prior gap", "{:.2f}"), ("components_in_use", "components in use", "{:.1f}"),
+    ("parameters", "parameters enc. / dec. / prior", "{}"),
     ("train_loglik", "log p(x) train", "{:.2f}"), ("elbo", "ELBO", "{:.2f}"),
     ("rate", "rate", "{:.2f}"), ("distortion", "distortion", "{:.2f}"), ("active_units", "active units", "{:.0f}"),
     ("mutual_information", "I(x;z)", "{:.2f}"), ("marginal_kl", "KL(q(z)‖p(z))", "{:.2f}"),
@@ -62,6 +72,7 @@ COLUMNS = [  # (key, header, format)
     ("budget", "epochs (best), s/epoch", None), ("health", "health", None),
 ]
 DERIVED = ("paired", "published", "budget", "health")  # columns not read from metrics.json
+OPTIONAL = ("components_in_use",)  # shown when any run has it ("—" for the others: not a mixture)
 
 
 def _cell(values: list[float], fmt: str, se: list[float] | None = None) -> str:
@@ -91,7 +102,9 @@ def table(out: Path, settings: list[Setting], latent_dim: int,
     rows_by_label = {lab: [s for s in group if s.label == lab] for lab in labels}
     metrics = {s.name: metric_row(out, s) for s in group}
     paper = {lab: published_value(published, lab, latent_dim) for lab in labels}
-    columns = [c for c in COLUMNS if c[0] in DERIVED or all(c[0] in metrics[s.name] for s in group)]
+    apart = {lab: comparison(out, rows_by_label[lab][0], published)[0] for lab in labels if paper[lab] is not None}
+    columns = [c for c in COLUMNS if c[0] in DERIVED or all(c[0] in metrics[s.name] for s in group)
+               or c[0] in OPTIONAL and any(c[0] in metrics[s.name] for s in group)]
     if any(v is not None for v in paper.values()):
         columns.insert(1, ("published", "published", "{:.2f}"))
     header = ["", *[c[1] for c in columns]]
@@ -102,7 +115,7 @@ def table(out: Path, settings: list[Setting], latent_dim: int,
         cells = [lab]
         for key, _, fmt in columns:
             if key == "published":
-                cells.append("—" if paper[lab] is None else fmt.format(paper[lab]))
+                cells.append("—" if paper[lab] is None else "not comparable" if apart[lab] else fmt.format(paper[lab]))
                 continue
             if key == "budget":
                 cells.append("; ".join(budget(out, r) for r in runs))
@@ -123,11 +136,43 @@ def table(out: Path, settings: list[Setting], latent_dim: int,
                 diffs = np.concatenate([_paired(out, r0, r1) for r0, r1 in pairs])
                 cells.append(f"{diffs.mean():+.2f} ± {diffs.std(ddof=1) / math.sqrt(len(diffs)):.2f}")
                 continue
+            if any(key not in metrics[r.name] for r in runs):
+                cells.append("—")
+                continue
             values = [metrics[r.name][key] for r in runs]
-            se = [metrics[r.name]["loglik_se"] for r in runs] if key == "loglik" else None
+            if isinstance(values[0], str):
+                cells.append("; ".join(dict.fromkeys(values)))
+                continue
+            se = [metrics[r.name][f"{key}_se"] for r in runs] if key in ("loglik", "prior_gap") else None
             cells.append(_cell(values, fmt, se))
         body.append(cells)
     return header, body
+
+
+def comparison(out: Path, setting: Setting, published: dict | None) -> tuple[list[str], str]:
+    """What differs between a run's measurement and the published one's setting, and the budget note
+    (:func:`pyro_vae.config_file.published_comparison`), from the run's metrics.json."""
+    from ..config_file import published_comparison
+
+    m = RunFiles(out / "runs" / setting.name).read_metrics()
+    return published_comparison(published, setting.config, m["num_particles"], m["num_test_points"], setting.label)
+
+
+def _published_lines(out: Path, settings: list[Setting], published: dict) -> list[str]:
+    """Under the source: what keeps its figures from being compared here, or how the budgets differ."""
+    from ..config_file import published_value
+
+    notes: dict[str, list[str]] = {}
+    for s in settings:
+        if published_value(published, s.label, s.latent_dim) is None:
+            continue
+        differs, budget_note = comparison(out, s, published)
+        text = ("not comparable: " + "; ".join(differs)) if differs else (budget_note or "the same setting")
+        notes.setdefault(text, []).append(s.name)
+    lines = []
+    for text, names in notes.items():
+        lines.append(f"- {', '.join(names)}: {text}.")
+    return lines + [""] if lines else []
 
 
 def _markdown_table(header: list[str], body: list[list[str]]) -> str:
@@ -156,7 +201,9 @@ def write_report(kind: str, settings: list[Setting], out: Path, command: str = "
         f"seeds per setting: {len({s.seed for s in settings})}.",
         "",
         "Columns: test log p(x) (importance-weighted, ± standard error; with several seeds ± sd across seeds); "
-        + ("the published figure for the same setting; " if published else "")
+        + ("the published figure, where the source's setting (dataset, components, importance samples, test "
+           "points) is this run's, else 'not comparable' (what differs is listed under the source); "
+           if published else "")
         + f"the paired per-test-point difference to the first {what} (± standard error); the same bound on up to "
         "1000 training images (far above the test figure: overfitting; both low: under-fitting); ELBO; rate "
         "KL(q(z|x)‖p(z)); distortion -E log p(x|z); active units; the mutual information and marginal KL of "
@@ -170,6 +217,7 @@ def write_report(kind: str, settings: list[Setting], out: Path, command: str = "
     ]
     if published:
         lines += [f"Published figures beside ours: {published['source']}", ""]
+        lines += _published_lines(out, settings, published)
     shifted = {s.label: s.config.latent_dim - s.latent_dim for s in settings if s.config.latent_dim != s.latent_dim}
     if shifted:
         why = (" (a sphere S^d lives in R^(d+1): compared at the manifold's dimension, as Davidson et al. 2018 do)"
@@ -217,10 +265,28 @@ def _health_section(out: Path, settings: list[Setting]) -> list[str]:
                      "epoch (a run whose best epoch is its last is flagged: not converged)."))
     first = RunFiles(out / "runs" / settings[0].name).read_metrics()
     n = first["aggregate_posterior"]["num_points"]
-    lines += ["", f"- The aggregate posterior q(z) = (1/N) sum_n q(z|x_n) uses the first N = {n} test points, and so "
+    subsets = first.get("subsets", {})
+    which = (describe(subsets["aggregate_posterior"]) if "aggregate_posterior" in subsets
+             else f"the first {n} (measured before subsets were drawn at random: re-evaluate)")
+    lines += ["", f"- The aggregate posterior q(z) = (1/N) sum_n q(z|x_n) uses N = {n} test points ({which}), and so "
               "do the rate it is checked against (ELBO surgery: rate = I(x;z) + KL(q(z)‖p(z)) on the same points), "
               f"I(x;z), bounded by log N = {math.log(n):.2f} nats, the marginal KL and the hole score: the last "
               "two depend on N (more points fill more of the prior)."]
+    if "test" in subsets:
+        lines += [f"- Test points of every other column: {describe(subsets['test'])}; the sharpness reference: "
+                  f"{describe(subsets.get('sharpness_reference', subsets['test']))}; the training-image log p(x): "
+                  f"{describe(subsets.get('train_log_likelihood', subsets['test']))}. Every subset is random "
+                  "(torch.randperm from the recorded seed), never a file's first images: a file may be sorted "
+                  "by class. The figures' test images are one random subset too (seed 0)."]
+    if "prior_gap" in first:
+        lines += ["- Prior gap: the test ELBO with the prior replaced by the aggregate posterior of all "
+                  f"{first['prior_gap']['num_train_points']:,} training images, q(z) = (1/N) sum_n q(z|x_n), minus the "
+                  "ELBO with the run's own prior (± standard error over test points): what any prior could still "
+                  "give this encoder and decoder (q(z) is the optimal prior for them; Hoffman & Johnson 2016)."]
+    if any("components_in_use" in metric_row(out, s) for s in settings):
+        lines += ["- Components in use: the effective number exp(H(u)) of the mixture components' mean "
+                  "responsibilities u over the aggregate posterior's codes (K when the codes use all K evenly, 1 "
+                  "when one component explains every code); below K/10 the run is flagged as collapsed."]
     note = likelihood_note(first)
     if note:
         lines += [f"- Units: {note}."]

@@ -47,6 +47,39 @@ def compare_settings(base: Config, priors: list[str], latent_dims: list[int], se
             for d in latent_dims for p in priors for s in range(seeds)]
 
 
+def parameter_matched_settings(settings: list[Setting], matched: str, data_dim: int, image_shape) -> list[Setting]:
+    """The control a reviewer asks for: beside each setting of prior ``matched`` (say the VampPrior, whose
+    K pseudo-inputs add K x D parameters), an N(0, I) run of the same config whose decoder's hidden layers
+    are widened (``decoder_hidden_dim``) to the narrowest width at which its parameter count reaches the
+    ``matched`` run's. If the N(0, I) run with the wide decoder still trails the learned prior, the prior
+    and not the extra parameters made the difference. Named ``normal-wide-z<d>-s<seed>``."""
+    from ..models.vae import build_vae
+
+    def total(config: Config) -> int:
+        return sum(p.numel() for p in build_vae(config, data_dim, image_shape, True).parameters())
+
+    out = []
+    for s in settings:
+        if s.label != matched:
+            continue
+        base = dataclasses.replace(s.config, prior="normal")
+        target = total(s.config)
+        low, high = base.hidden_dim, base.hidden_dim
+        while total(dataclasses.replace(base, decoder_hidden_dim=high)) < target:
+            low, high = high, 2 * high
+        while low < high:  # the narrowest width whose count reaches the target
+            mid = (low + high) // 2
+            if total(dataclasses.replace(base, decoder_hidden_dim=mid)) >= target:
+                high = mid
+            else:
+                low = mid + 1
+        out.append(Setting(f"normal-wide-z{s.latent_dim}-s{s.seed}", dataclasses.replace(base, decoder_hidden_dim=high),
+                           "normal-wide", s.latent_dim, s.seed))
+    if not out:
+        raise PyroVAEError(f"parameter_matched names {matched!r}, which is not among the study's priors")
+    return out
+
+
 def beta_settings(base: Config, betas: list[float], latent_dims: list[int], seeds: int) -> list[Setting]:
     if any(not b >= 0 for b in betas):
         raise PyroVAEError(f"every beta must be >= 0, got {betas}")
@@ -74,4 +107,15 @@ def stale_fields(out: Path, setting: Setting) -> list[str]:
         wanted["prior_path"] = module_folder(wanted["prior"])
     elif wanted["prior_path"] is None:
         wanted["prior_path"] = stored["prior_path"]
-    return [f"{k}={stored[k]!r} (wanted {wanted[k]!r})" for k in wanted if stored[k] != wanted[k]]
+    unused = _fields_without_effect(setting.config.prior)
+    return [f"{k}={stored[k]!r} (wanted {wanted[k]!r})" for k in wanted if stored[k] != wanted[k] and k not in unused]
+
+
+def _fields_without_effect(prior: str) -> set[str]:
+    """The ``prior_*`` fields a built-in prior does not read (a study's config file sets them for the priors
+    that do): a difference there leaves a run as it was. None for a prior of your own."""
+    from ..models.priors import USES
+
+    if prior not in PRIORS:
+        return set()
+    return {name for name, users in USES.items() if prior not in users}
