@@ -7,50 +7,10 @@ import dataclasses
 import signal
 import sys
 import threading
-import typing
 from pathlib import Path
 
-from .config import Config
+from .config import Config, add_config_flags
 from .errors import PyroVAEError, RunInterrupted, TrainingDiverged
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(Config)
-    defaults = Config()
-    group = parser.add_argument_group("run configuration (stored in config.json)")
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        default = getattr(defaults, f.name)
-        help_text = f"{f.metadata['help']} (default: {default})"
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
-        if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        if kind is dict:  # --prior-arg name=value, repeatable
-            group.add_argument("--prior-arg", flag, action="append", type=_name_value, metavar="NAME=VALUE", **kw)
-            continue
-        if kind in (int, float):
-            kw["type"] = kind
-        kw["metavar"] = f.name.upper()
-        if f.metadata.get("choices"):
-            kw["choices"] = f.metadata["choices"]
-            kw.pop("metavar")
-        group.add_argument(flag, **kw)
-
-
-def _name_value(text: str) -> tuple[str, object]:
-    """NAME=VALUE, VALUE read as JSON where it is a number or a boolean, else kept as a string."""
-    import json
-
-    name, sep, value = text.partition("=")
-    if not sep or not name.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        parsed = value
-    return name, parsed if isinstance(parsed, (bool, int, float, str)) else value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-nodes", type=int, default=1, help="nodes for --devices (torchrun or SLURM; default: 1)")
     train.add_argument("--accelerator", choices=("cpu", "cuda"), help="for --devices (default: --device)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_config_flags(train)
+    add_config_flags(train)
 
     _add_analyze_parser(sub)
 
@@ -122,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     evaluate.add_argument("--trust-prior", action="store_true", help=TRUST_HELP)
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_study_parsers(sub)
+    return parser
+
+
+def _add_study_parsers(sub) -> None:
+    """``compare`` and ``sweep-beta``: the study commands, which share every flag but the one they vary."""
     for name, what in (("compare", "priors"), ("sweep-beta", "betas")):
         study = sub.add_parser(
             name, help=("train and evaluate one run per prior, write report.md" if name == "compare" else
@@ -153,8 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         study.add_argument("--restart", action="store_true",
                            help="train again the runs in --out whose config differs from this command's settings")
         study.add_argument("--quiet", action="store_true", help="no progress bar")
-        _add_config_flags(study)
-    return parser
+        add_config_flags(study)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -182,11 +147,9 @@ def cmd_study(args: argparse.Namespace) -> int:
         settings = compare_settings(base, priors, dims, options["seeds"], _offsets(args, options))
         matched = args.parameter_matched if args.parameter_matched is not None else options.get("parameter_matched")
         if matched:
-            from .data import load_dataset
             from .study.settings import parameter_matched_settings
 
-            data = load_dataset(base.dataset, base.data_root, download=base.download)
-            settings += parameter_matched_settings(settings, matched, data.dim, data.image_shape)
+            settings += parameter_matched_settings(settings, matched)
     else:
         if options.get("parameter_matched"):
             raise PyroVAEError(f"{args.config}: [study] parameter_matched is for compare (sweep-beta trains one prior)")
@@ -372,7 +335,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from .outputs import check_output_file
     from .plots import plot_reconstructions
     from .run_dir import load_run
-    from .subsets import describe, random_subset
+    from .subsets import describe, parse_indices, random_subset
 
     _check_count("--n", args.n)
     _check_seed(args.seed)
@@ -380,7 +343,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     out = check_output_file(args.out or run.figures / f"reconstructions-{args.split}.png")
     x, _ = run.split(args.split)  # binarized as in training, where it was
     if args.indices is not None:
-        chosen = _parse_indices(args.indices, len(x))
+        chosen = parse_indices(args.indices, len(x))
         what = f"images {args.indices} of the {args.split} split"
     else:
         subset = random_subset(len(x), args.n, args.seed)
@@ -388,20 +351,6 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     plot_reconstructions(run.vae, x[chosen.to(x.device)], out, n=len(chosen), what=what)
     print(out)
     return 0
-
-
-def _parse_indices(text: str, total: int):
-    """``--indices 0,5,17``: whole numbers within the split, refused by name otherwise."""
-    import torch
-
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise PyroVAEError(f"--indices must be comma-separated whole numbers, got {text!r}") from None
-    bad = [v for v in values if not 0 <= v < total]
-    if not values or bad:
-        raise PyroVAEError(f"--indices must name images 0..{total - 1} of the split, got {text!r}")
-    return torch.tensor(values)
 
 
 # --------------------------------------------------------------------------- pyro-vae analyze

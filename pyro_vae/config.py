@@ -258,3 +258,48 @@ def _describe_type(kind) -> str:
         return " or ".join(_describe_type(k) for k in args)
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             type(None): "null", dict: "a table of names to numbers, strings or booleans"}.get(kind, str(kind))
+
+
+def add_config_flags(parser) -> None:
+    """One ``--flag`` per field of :class:`Config` on an argparse parser, in a group of its own; a flag not
+    given leaves the field out of the namespace (so a config file's value stands)."""
+    import argparse
+
+    hints = typing.get_type_hints(Config)
+    defaults = Config()
+    group = parser.add_argument_group("run configuration (stored in config.json)")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = getattr(defaults, f.name)
+        help_text = f"{f.metadata['help']} (default: {default})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if kind is dict:  # --prior-arg name=value, repeatable
+            group.add_argument("--prior-arg", flag, action="append", type=name_value, metavar="NAME=VALUE", **kw)
+            continue
+        if kind in (int, float):
+            kw["type"] = kind
+        kw["metavar"] = f.name.upper()
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+            kw.pop("metavar")
+        group.add_argument(flag, **kw)
+
+
+def name_value(text: str) -> tuple[str, object]:
+    """NAME=VALUE (``--prior-arg``), VALUE read as JSON where it is a number or a boolean, else kept as a
+    string."""
+    import argparse
+    import json
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return name, parsed if isinstance(parsed, (bool, int, float, str)) else value

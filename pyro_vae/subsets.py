@@ -64,3 +64,15 @@ def describe(record: dict) -> str:
     if record.get("seed") is None:
         return f"all {record['of']}"
     return f"{record['n']} of {record['of']} at random (seed {record['seed']})"
+
+
+def parse_indices(text: str, total: int) -> torch.Tensor:
+    """``--indices 0,5,17``: whole numbers within the split, refused by name otherwise."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise PyroVAEError(f"--indices must be comma-separated whole numbers, got {text!r}") from None
+    bad = [v for v in values if not 0 <= v < total]
+    if not values or bad:
+        raise PyroVAEError(f"--indices must name images 0..{total - 1} of the split, got {text!r}")
+    return torch.tensor(values)

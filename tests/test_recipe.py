@@ -125,8 +125,12 @@ def test_the_recipe_is_the_papers_setting():
     assert (config.warmup_epochs, config.patience, config.epochs, config.optimizer) == (100.0, 50, 2000,
                                                                                         "adam-normgrad")
     published = recipe.study.pop("published")
-    assert recipe.study == {"priors": ["normal", "mog", "vamp"], "latent_dims": [40], "seeds": 1, "k": 5000}
+    assert recipe.study == {"priors": ["normal", "mog", "vamp"], "latent_dims": [40], "seeds": 1, "k": 5000,
+                            "parameter_matched": "vamp"}
+    assert (config.prior_weights, config.prior_reseed) == ("uniform", True)  # the mixture that stays a mixture
     assert (published["normal"], published["mog"], published["vamp"]) == (-88.56, -86.55, -85.57)
+    assert published["setting"] == {"dataset": "binarized-mnist", "prior_components": 500, "k": 5000,
+                                    "epochs": 2000, "test_points": 10000}
     assert "Tomczak & Welling (2018)" in published["source"]
     svae = read_config_file("svae-static-mnist")
     assert svae.study["priors"] == ["normal", "sphere"] and svae.study["latent_dims"] == [2, 5, 10, 20, 40]
@@ -161,7 +165,9 @@ def test_a_study_reads_its_options_from_the_config_file(tmp_path):
     assert "Published figures beside ours: A. Paper (2020), Table 9" in report
     header, row = [line for line in report.splitlines() if line.startswith("| ")][:2]
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
-    assert cells["published"] == "-99.25" and cells["epochs (best), s/epoch"].startswith("1/1 (best 1), ")
+    # the source states no setting, so its figure is not set beside ours as if it were comparable
+    assert cells["published"] == "not comparable" and cells["epochs (best), s/epoch"].startswith("1/1 (best 1), ")
+    assert "not comparable: the source's setting is not stated" in report
     assert json.loads((tmp_path / "out" / "study.json").read_text())["published"]["normal"] == {"2": -99.25}
 
 

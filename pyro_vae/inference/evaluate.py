@@ -65,21 +65,8 @@ def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None,
         out["elbo"] = mean_and_stderr(elbo)
         bar.update()
         bar.set_postfix_str(stages[1])
-        if kept is not None:
-            loglik = kept.to(elbo.device, elbo.dtype)
-            out["log_likelihood_reused"] = True
-        else:
-            loglik = iw_log_likelihood(vae, x, num_particles=num_particles, progress=progress)
-        out["log_likelihood"] = mean_and_stderr(loglik)
-        # the same bound on (at most 1000) training images: train far above test is overfitting, both low
-        # is under-fitting
         train_all = run.split("train")[0]
-        train_subset = random_subset(len(train_all), TRAIN_POINTS, seed)
-        train_x = train_subset.take(train_all)
-        out["train_log_likelihood"] = mean_and_stderr(iw_log_likelihood(vae, train_x, num_particles=num_particles))
-        out["num_train_points"] = len(train_x)
-        out["subsets"]["train_log_likelihood"] = train_subset.record()
-        out["gap_loglik_minus_elbo"] = mean_and_stderr(loglik - elbo)
+        loglik = _log_likelihoods(vae, x, train_all, kept, elbo, num_particles, seed, progress, out)
         bar.update()
         bar.set_postfix_str(stages[2])
         rd = rate_and_distortion(vae, x)
@@ -89,14 +76,7 @@ def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None,
         out.update(active_units(vae, x))
         bar.update()
         bar.set_postfix_str(stages[3])
-        agg = random_subset(len(x), AGGREGATE_POINTS, seed)
-        out["aggregate_posterior"] = aggregate_posterior(vae, agg.take(x))
-        # ELBO surgery compares like with like: the rate on the same N points as I(x;z) + marginal KL
-        out["aggregate_posterior"]["rate_same_points"] = mean_and_stderr(agg.take(rd["rate"]))
-        out["subsets"]["aggregate_posterior"] = agg.record()
-        usage = components_in_use(vae, agg.take(x))
-        if usage is not None:
-            out["mixture"] = usage
+        _aggregate_measures(vae, x, rd["rate"], seed, out)
         bar.update()
         bar.set_postfix_str(stages[4])
         out["prior_gap"] = prior_gap(vae, x, train_all)
@@ -114,6 +94,37 @@ def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None,
     if save:
         run.files.write_metrics(out, loglik.cpu().numpy())
     return out
+
+
+def _log_likelihoods(vae, x, train_all, kept, elbo, num_particles: int, seed: int, progress: bool, out: dict):
+    """log p(x) per test point (estimated, or ``kept`` from an earlier evaluation), and the same bound on
+    :data:`TRAIN_POINTS` random training images: train far above test is overfitting, both low is
+    under-fitting. Fills ``out``; returns the per-point values."""
+    if kept is not None:
+        loglik = kept.to(elbo.device, elbo.dtype)
+        out["log_likelihood_reused"] = True
+    else:
+        loglik = iw_log_likelihood(vae, x, num_particles=num_particles, progress=progress)
+    out["log_likelihood"] = mean_and_stderr(loglik)
+    train_subset = random_subset(len(train_all), TRAIN_POINTS, seed)
+    train_x = train_subset.take(train_all)
+    out["train_log_likelihood"] = mean_and_stderr(iw_log_likelihood(vae, train_x, num_particles=num_particles))
+    out["num_train_points"] = len(train_x)
+    out["subsets"]["train_log_likelihood"] = train_subset.record()
+    out["gap_loglik_minus_elbo"] = mean_and_stderr(loglik - elbo)
+    return loglik
+
+
+def _aggregate_measures(vae, x, rates, seed: int, out: dict) -> None:
+    """ELBO surgery and holes on :data:`AGGREGATE_POINTS` random test points, the rate on the same points
+    beside them (like with like), and a mixture prior's components in use on their codes."""
+    agg = random_subset(len(x), AGGREGATE_POINTS, seed)
+    out["aggregate_posterior"] = aggregate_posterior(vae, agg.take(x))
+    out["aggregate_posterior"]["rate_same_points"] = mean_and_stderr(agg.take(rates))
+    out["subsets"]["aggregate_posterior"] = agg.record()
+    usage = components_in_use(vae, agg.take(x))
+    if usage is not None:
+        out["mixture"] = usage
 
 
 def _reusable_loglik(run: Run, test, num_particles: int, seed: int):

@@ -167,9 +167,20 @@ def _log_q_aggregate(vae, z: torch.Tensor, x: torch.Tensor, chunk: int = 256) ->
         mixture = DiagonalNormalMixture(torch.zeros(x.shape[0], device=x.device), base.loc, base.scale,
                                         compute_dtype=torch.float64)
         return torch.cat([mixture.log_prob(z[i : i + 4 * chunk]) for i in range(0, z.shape[0], 4 * chunk)])
+    from ..models.sphere import PowerSpherical, _EPS
+
+    if isinstance(q, PowerSpherical):  # log q(z | x_n) = log C(kappa_n) + kappa_n log(1 + mu_n . z): one GEMM
+        loc, kappa = q.loc.double(), q.concentration.double()
+        log_c = q.log_normalizer().double()
+        out = []
+        for i in range(0, z.shape[0], chunk):
+            cos = (z[i : i + chunk].double() @ loc.T).clamp_min(-1 + _EPS)
+            out.append(logsumexp(log_c + kappa * torch.log1p(cos), dim=1) - math.log(x.shape[0]))
+        return torch.cat(out).to(z.dtype)
     out = []
-    for i in range(0, z.shape[0], chunk):
-        lp = q.log_prob(z[i : i + chunk, None, :])  # (m, N)
+    rows = max(1, min(chunk, 20_000_000 // max(1, x.shape[0] * z.shape[-1])))  # (rows, N, d) at most 80 MB
+    for i in range(0, z.shape[0], rows):
+        lp = q.log_prob(z[i : i + rows, None, :])  # (m, N)
         out.append(logsumexp(lp, dim=1) - math.log(x.shape[0]))
     return torch.cat(out)
 

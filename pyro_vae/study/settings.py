@@ -47,13 +47,21 @@ def compare_settings(base: Config, priors: list[str], latent_dims: list[int], se
             for d in latent_dims for p in priors for s in range(seeds)]
 
 
-def parameter_matched_settings(settings: list[Setting], matched: str, data_dim: int, image_shape) -> list[Setting]:
+def parameter_matched_settings(settings: list[Setting], matched: str, data_dim: int | None = None,
+                               image_shape=None) -> list[Setting]:
     """The control a reviewer asks for: beside each setting of prior ``matched`` (say the VampPrior, whose
     K pseudo-inputs add K x D parameters), an N(0, I) run of the same config whose decoder's hidden layers
     are widened (``decoder_hidden_dim``) to the narrowest width at which its parameter count reaches the
     ``matched`` run's. If the N(0, I) run with the wide decoder still trails the learned prior, the prior
     and not the extra parameters made the difference. Named ``normal-wide-z<d>-s<seed>``."""
     from ..models.vae import build_vae
+
+    if data_dim is None:  # the data's size, from the settings' dataset
+        from ..data import load_dataset
+
+        first = settings[0].config
+        data = load_dataset(first.dataset, first.data_root, download=first.download)
+        data_dim, image_shape = data.dim, data.image_shape
 
     def total(config: Config) -> int:
         return sum(p.numel() for p in build_vae(config, data_dim, image_shape, True).parameters())
