@@ -324,7 +324,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _check_seed(args.seed)
     run = load_run(args.run, trust=args.trust_prior)
     check_fits(f"--n {args.n} samples", 3.0 * args.n * (run.vae.data_dim + run.vae.latent_dim))
-    out = check_output_file(args.out or run.figures / f"samples-seed{args.seed}.png")
+    out = check_output_file(args.out or run.figures / f"samples-seed{args.seed}.png", suffix=".png")
     torch.manual_seed(args.seed)
     plot_images(run.vae.sample(args.n), run.vae.image_shape, out, SAMPLES_TITLE)
     print(out)
@@ -340,7 +340,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     _check_count("--n", args.n)
     _check_seed(args.seed)
     run = load_run(args.run, trust=args.trust_prior)
-    out = check_output_file(args.out or run.figures / f"reconstructions-{args.split}.png")
+    out = check_output_file(args.out or run.figures / f"reconstructions-{args.split}.png", suffix=".png")
     x, _ = run.split(args.split)  # binarized as in training, where it was
     if args.indices is not None:
         chosen = parse_indices(args.indices, len(x))

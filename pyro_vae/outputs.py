@@ -38,12 +38,25 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--out", empty: bool =
     return path
 
 
-def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+RUN_FILES = ("config.json", "run.json", "history.json", "metrics.json", "model.pt", "checkpoint.pt",
+             "loglik_per_point.npy", "idata.nc", "study.json", "report.md", "report.html")
+"""Files a command reads back later: a run's, an analysis's and a study's. No output replaces one."""
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out", suffix: str | None = None) -> Path:
     """A file a result will be written to (replacing an older one): not a directory, not under a file,
-    in a writable directory. Nothing is created."""
+    in a writable directory, and never one of the files a run, an analysis or a study is read back from
+    (:data:`RUN_FILES`: ``sample RUN --out RUN/model.pt`` would leave a run that no longer opens);
+    with ``suffix`` (".png"), a name that ends so. Nothing is created."""
     path = Path(path)
+    if path.name in RUN_FILES or path.suffix in (".pt", ".npy", ".nc"):
+        raise PyroVAEError(f"{flag} {path} would overwrite a file that pyro-vae reads back ({path.name}); "
+                           "choose another name")
     if path.is_dir():
         raise PyroVAEError(f"{flag} {path} is a directory; give the path of the file to write")
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise PyroVAEError(f"{flag} {path}: the output is a {suffix.lstrip('.').upper()} image; give a name ending "
+                           f"in {suffix}")
     if path.parent.exists():
         if not path.parent.is_dir():
             raise PyroVAEError(f"{flag} {path}: {path.parent} is a file, not a directory")

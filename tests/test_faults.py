@@ -491,3 +491,27 @@ def test_ctrl_c_while_the_writer_starts_is_held_until_it_has_started():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, found)
+
+
+# --------------------------------------------------------------------------- outputs never replace inputs
+
+
+@pytest.mark.parametrize("command", ["sample", "reconstruct"])
+@pytest.mark.parametrize("target", ["model.pt", "config.json", "run.json", "figures/x.jpg"])
+def test_an_image_never_overwrites_a_file_of_the_run(command, target, run_copy, capsys):
+    before = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()}
+    line = one_line_error(capsys, main([command, str(run_copy), "--out", str(run_copy / target)]))
+    assert "--out" in line
+    assert {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()} == before
+    assert load_run(run_copy).config.epochs == 2  # the run still opens
+
+
+def test_a_study_of_one_kind_never_replaces_another(tmp_path, capsys):
+    study = tmp_path / "s"
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({"kind": "compare", "settings": []}))
+    (study / "report.md").write_text("the compare study's report")
+    line = one_line_error(capsys, main(["sweep-beta", "--betas", "0,1", "--epochs", "1", "--out", str(study),
+                                        "--quiet"]))
+    assert "holds a 'compare' study" in line
+    assert (study / "report.md").read_text() == "the compare study's report" and not (study / "runs").exists()

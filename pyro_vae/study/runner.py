@@ -39,6 +39,7 @@ def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1
         raise PyroVAEError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     if cpus_per_run is not None and cpus_per_run < 1 or gpus_per_run < 0:
         raise PyroVAEError("--cpus-per-run must be >= 1 and --gpus-per-run >= 0")
+    _check_same_kind(out, kind)
     check_settings(settings, k)
     if published is not None:
         check_published(published)
@@ -68,6 +69,23 @@ def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1
                            + "; ".join(f"{name}: {error}" for name, error in failures.items())
                            + (f"); the report covers the others: {report}" if report else ")"))
     return report
+
+
+def _check_same_kind(out: Path, kind: str) -> None:
+    """A study directory holds one kind of study: a sweep-beta study never replaces a compare study's
+    study.json, report and figures, nor the other way round (refused before any work)."""
+    import json
+
+    path = out / "study.json"
+    if not path.is_file():
+        return
+    try:
+        held = json.loads(path.read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        raise PyroVAEError(f"{path} is not a readable study.json; pick another --out") from None
+    if held != kind:
+        raise PyroVAEError(f"{out} holds a {held!r} study; a {kind} study would replace its report and "
+                           "study.json: pick another --out")
 
 
 def check_settings(settings: list[Setting], k: int = 1) -> None:
