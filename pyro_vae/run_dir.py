@@ -82,6 +82,30 @@ class Checkpoint:
     stale: int
 
 
+STATUSES = ("running", "finished", "interrupted", "diverged", "failed")
+"""What run.json's ``status`` may say."""
+
+
+def _check_info(path: Path, info: dict) -> None:
+    """run.json's fields that commands act on have their types and ranges, else one line naming the field:
+    a hand-edited ``status: 42`` or ``epochs_completed: -5`` is refused when the run is opened, before a
+    resume trains an epoch or a command reads the run as something it is not."""
+    status = info.get("status")
+    if status is not None and status not in STATUSES:
+        raise PyroVAEError(f"{path}: status must be one of {', '.join(STATUSES)}, got {status!r:.40}")
+    for key in ("epochs_completed", "best_epoch"):
+        value = info.get(key)
+        if value is not None and (type(value) is not int or value < 0):
+            raise PyroVAEError(f"{path}: {key} must be a whole number >= 0, got {value!r:.40}")
+    for key in ("best_valid_elbo", "test_elbo"):
+        value = info.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise PyroVAEError(f"{path}: {key} must be a number, got {value!r:.40}")
+    for key in ("stopped_early", "compiled"):
+        if key in info and not isinstance(info[key], bool):
+            raise PyroVAEError(f"{path}: {key} must be true or false, got {info[key]!r:.40}")
+
+
 class RunFiles:
     """The files of one run directory, read and written in their formats (see the module docstring)."""
 
@@ -111,6 +135,7 @@ class RunFiles:
         info = read_json(self.path / INFO)
         if not isinstance(info, dict):
             raise PyroVAEError(f"{self.path / INFO}: expected a JSON object, got {type(info).__name__}")
+        _check_info(self.path / INFO, info)
         return info
 
     def read_data_shape(self) -> tuple[int, list[int], bool]:

@@ -515,3 +515,18 @@ def test_a_study_of_one_kind_never_replaces_another(tmp_path, capsys):
                                         "--quiet"]))
     assert "holds a 'compare' study" in line
     assert (study / "report.md").read_text() == "the compare study's report" and not (study / "runs").exists()
+
+
+@pytest.mark.parametrize("change,words", [({"status": 42}, "status must be one of"),
+                                          ({"epochs_completed": -5}, "epochs_completed must be a whole number"),
+                                          ({"best_epoch": "two"}, "best_epoch must be a whole number"),
+                                          ({"stopped_early": "no"}, "stopped_early must be true or false")])
+def test_a_hand_edited_run_json_is_refused_before_any_work(change, words, run_copy, capsys):
+    _edit_json(run_copy / "run.json", **change)
+    before = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()}
+    for command in (["sample", str(run_copy), "--out", str(run_copy.parent / "s.png")],
+                    ["evaluate", str(run_copy), "--k", "2", "--quiet"], ["train", "--resume", str(run_copy), "--quiet"]):
+        line = one_line_error(capsys, main(command))
+        assert words in line and "run.json" in line, line
+    assert {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()} == before
+    assert not (run_copy.parent / "s.png").exists()
