@@ -24,6 +24,8 @@ CONFIG_HELP = ("start from this config file (TOML, JSON such as a run's config.j
                "(recipes/vampprior-static-mnist.toml); flags given as well override it")
 STUDY_DEFAULTS = {"priors": "normal,laplace,student-t,mog,vamp,flow", "betas": "0,0.1,0.5,1,2,4", "latent_dims": "2",
                   "seeds": 1, "k": 1000}
+MAX_SEEDS = 1000
+"""Seeds per setting a study takes: each is a run trained to the end."""
 TRUST_HELP = ("import and run the prior this run's config.json names as module:attribute (only for run "
               "directories you trust: importing a module runs its code)")
 
@@ -138,13 +140,20 @@ def cmd_study(args: argparse.Namespace) -> int:
     dims = _list(options["latent_dims"], int, "--latent-dims")
     if options["seeds"] < 1 or not dims:
         raise PyroVAEError("--seeds must be >= 1 and --latent-dims must name at least one size")
+    if options["seeds"] > MAX_SEEDS:
+        raise PyroVAEError(f"--seeds {options['seeds']} is more than a study can train (at most {MAX_SEEDS} per setting)")
     _check_count("--k", options["k"])
     check_output_dir(args.out)
     if args.command == "compare":
         priors = _list(options["priors"], str, "--priors")
         if args.config and args.priors is None and not args.trust_prior:
             _refuse_module_priors(args.config, priors)
-        settings = compare_settings(base, priors, dims, options["seeds"], _offsets(args, options))
+        offsets = _offsets(args, options)
+        settings = compare_settings(base, priors, dims, options["seeds"], offsets)  # (unknown names refused)
+        unused = [p for p in offsets if p not in priors]
+        if unused:
+            print(f"pyro-vae: warning: --latent-dim-offsets names {', '.join(unused)}, which --priors "
+                  f"{','.join(priors)} leaves out: no effect", file=sys.stderr)
         matched = args.parameter_matched if args.parameter_matched is not None else options.get("parameter_matched")
         if matched:
             from .study.settings import parameter_matched_settings
@@ -262,6 +271,7 @@ def _check_seed(seed: int) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .inference.train import resume, train
 
+    _check_devices(args)
     if args.resume is not None:
         extra = set(vars(args)) & ({f.name for f in dataclasses.fields(Config)} - {"epochs", "jit"})
         if extra or args.config or args.out:
@@ -285,6 +295,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"  objective: {info['elbo']}{why}")
     print(f"  figures: {run.figures}/")
     return 0
+
+
+def _check_devices(args: argparse.Namespace) -> None:
+    """--devices and --num-nodes are whole numbers >= 1; on one node, --devices CPU processes fit the cores
+    and --accelerator cuda needs as many GPUs: refused before a process starts."""
+    import os
+
+    if args.devices < 1 or args.num_nodes < 1:
+        raise PyroVAEError(f"--devices and --num-nodes must be >= 1, got {args.devices} and {args.num_nodes}")
+    if args.devices == 1 or args.num_nodes > 1:
+        return
+    if args.accelerator == "cuda" or (args.accelerator is None and getattr(args, "device", "cpu") == "cuda"):
+        import torch
+
+        if torch.cuda.device_count() < args.devices:
+            raise PyroVAEError(f"--devices {args.devices} --accelerator cuda needs {args.devices} GPUs; "
+                               f"{torch.cuda.device_count()} found")
+    elif args.devices > (os.cpu_count() or 1):
+        raise PyroVAEError(f"--devices {args.devices} CPU processes on a machine of {os.cpu_count()} cores: "
+                           f"use at most {os.cpu_count()}")
 
 
 def _train_distributed(args: argparse.Namespace, config: Config | None) -> int:

@@ -530,3 +530,23 @@ def test_a_hand_edited_run_json_is_refused_before_any_work(change, words, run_co
         assert words in line and "run.json" in line, line
     assert {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file()} == before
     assert not (run_copy.parent / "s.png").exists()
+
+
+@pytest.mark.parametrize("flags,words", [(["--devices", "0"], "--devices and --num-nodes must be >= 1"),
+                                         (["--devices", "-1"], "--devices and --num-nodes must be >= 1"),
+                                         (["--num-nodes", "0"], "--devices and --num-nodes must be >= 1"),
+                                         (["--devices", "999"], "CPU processes on a machine of"),
+                                         (["--devices", "2", "--accelerator", "cuda"], "GPUs;")])
+def test_device_counts_are_checked_before_any_process_starts(flags, words, tmp_path, capsys):
+    if "cuda" in flags and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    line = one_line_error(capsys, main(["train", "--epochs", "1", "--out", str(tmp_path / "r"), "--quiet", *flags]))
+    assert words in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_study_of_more_seeds_than_it_can_train_is_one_line(tmp_path, capsys):
+    (tmp_path / "s.toml").write_text("[study]\nseeds = 1000000000000\n")
+    line = one_line_error(capsys, main(["compare", "--config", str(tmp_path / "s.toml"), "--priors", "normal",
+                                        "--out", str(tmp_path / "s"), "--quiet"]))
+    assert "--seeds 1000000000000 is more than a study can train" in line and not (tmp_path / "s").exists()

@@ -79,6 +79,9 @@ def test_a_sphere_compared_at_its_manifolds_dimension(tmp_path, capsys):
                      "--out", str(tmp_path / "s2"), *TINY]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
+    assert main(["compare", "--priors", "normal", "--latent-dims", "2", "--latent-dim-offsets", "sphere=1",
+                 "--out", str(tmp_path / "s3"), *TINY]) == 0  # an offset for a prior the study leaves out: said
+    assert "--latent-dim-offsets names sphere, which --priors normal leaves out" in capsys.readouterr().err
     (tmp_path / "offsets.toml").write_text("[study]\nlatent_dim_offsets = {sphere = 1}\n")
     assert main(["sweep-beta", "--config", str(tmp_path / "offsets.toml"), "--out", str(tmp_path / "s2"), *TINY]) == 2
     assert "latent_dim_offsets is for compare" in capsys.readouterr().err
