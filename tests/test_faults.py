@@ -550,3 +550,15 @@ def test_a_study_of_more_seeds_than_it_can_train_is_one_line(tmp_path, capsys):
     line = one_line_error(capsys, main(["compare", "--config", str(tmp_path / "s.toml"), "--priors", "normal",
                                         "--out", str(tmp_path / "s"), "--quiet"]))
     assert "--seeds 1000000000000 is more than a study can train" in line and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("source,words", [("def cauchy(d:\n", "a syntax error in"),
+                                          ("raise RuntimeError('no GPU here\\nsecond line')\n",
+                                           "raised RuntimeError: no GPU here")])
+def test_a_prior_module_that_fails_to_import_is_one_line(source, words, tmp_path, capsys, monkeypatch):
+    (tmp_path / "broken_prior_mod.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(capsys, main(["train", "--prior", "broken_prior_mod:cauchy", "--epochs", "1",
+                                        "--out", str(tmp_path / "r"), "--quiet"]))
+    assert words in line and "broken_prior_mod" in line
+    assert not (tmp_path / "r").exists()

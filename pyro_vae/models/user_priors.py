@@ -114,6 +114,13 @@ def import_prior(spec: str, path: str | None = None):
                            f"set PYTHONPATH to its folder, or run from there") from None
     except ImportError as e:
         raise PyroVAEError(f"cannot import prior {spec!r}: {e}") from None
+    except SyntaxError as e:
+        raise PyroVAEError(f"cannot import prior {spec!r}: a syntax error in {e.filename}, line {e.lineno}: "
+                           f"{e.msg}") from None
+    except Exception as e:  # the module's own code raised while it was imported
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PyroVAEError(f"cannot import prior {spec!r}: importing {module_name!r} raised "
+                           f"{type(e).__name__}: {first}") from None
     finally:
         if added and folder in sys.path:
             sys.path.remove(folder)
