@@ -562,3 +562,18 @@ def test_a_prior_module_that_fails_to_import_is_one_line(source, words, tmp_path
                                         "--out", str(tmp_path / "r"), "--quiet"]))
     assert words in line and "broken_prior_mod" in line
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("uri", ["bogus://x", "file://{tmp}/afile/mlruns", "http://127.0.0.1:9"])
+def test_a_bad_mlflow_tracking_uri_is_one_line(uri, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("mlflow")
+    (tmp_path / "afile").write_text("x")
+    uri = uri.format(tmp=tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    line = one_line_error(capsys, main(["train", "--log", "mlflow", "--epochs", "1", "--out", str(tmp_path / "r"),
+                                        "--quiet"]))
+    assert "--log mlflow" in line and "MLFLOW_TRACKING_URI" in line
+    # no dead end: the same command starts the run again once the store works
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert main(["train", "--log", "mlflow", "--epochs", "1", "--out", str(tmp_path / "r"), "--quiet"]) == 0

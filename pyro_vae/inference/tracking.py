@@ -28,6 +28,11 @@ from ..run_dir import RunFiles, atomic_write_bytes
 
 TRACKERS = ("none", "csv", "tensorboard", "mlflow")
 
+MLFLOW_NETWORK = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+"""MLflow's own request settings, where the environment does not set them: a tracking server that cannot be
+reached fails within about a minute (20 s a request, one retry) instead of retrying for many minutes."""
+
 
 class Progress:
     """A tqdm bar over steps on a terminal; elsewhere one printed line per epoch (or nothing)."""
@@ -76,13 +81,22 @@ class Tracker:
             except ImportError:
                 raise PyroVAEError("--log mlflow needs mlflow or mlflow-skinny (pip install 'pyro-vae[tracking]')") \
                     from None
-            if not os.environ.get("MLFLOW_TRACKING_URI"):  # a local default: MLflow's file store, which MLflow 3
+            uri = os.environ.get("MLFLOW_TRACKING_URI")
+            if not uri:  # a local default: MLflow's file store, which MLflow 3
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # keeps behind this opt-in
-                mlflow.set_tracking_uri((files.path / "mlruns").resolve().as_uri())
-            run = mlflow.start_run(run_id=info.get("mlflow_run_id"), run_name=files.path.name)
-            if "mlflow_run_id" not in info:
-                info["mlflow_run_id"] = run.info.run_id
-                mlflow.log_params({k: str(v) for k, v in config.to_dict().items()})
+            # set each time: MLflow keeps the last URI set in the process, which would outlive the run it was for
+            mlflow.set_tracking_uri(uri or (files.path / "mlruns").resolve().as_uri())
+            for name, value in MLFLOW_NETWORK.items():  # a server that cannot be reached fails, it does not hang
+                os.environ.setdefault(name, value)
+            try:
+                run = mlflow.start_run(run_id=info.get("mlflow_run_id"), run_name=files.path.name)
+                if "mlflow_run_id" not in info:
+                    info["mlflow_run_id"] = run.info.run_id
+                    mlflow.log_params({k: str(v) for k, v in config.to_dict().items()})
+            except Exception as e:
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                raise PyroVAEError(f"--log mlflow: the tracking store {uri or files.path / 'mlruns'} failed "
+                                   f"({type(e).__name__}: {first}); check MLFLOW_TRACKING_URI") from None
             self._mlflow = mlflow
 
     def log(self, history: list[dict]) -> None:
