@@ -284,10 +284,14 @@ class RunFiles:
 
     def unfinished_start(self) -> bool:
         """Whether the directory holds only a run that never finished an epoch (so it may start again):
-        no checkpoint, no weights, nothing but its own config, status, tracking and temporary files."""
-        if not self.path.is_dir() or self.has_checkpoint() or (self.path / WEIGHTS).exists():
+        no checkpoint, nothing but its own config, status, tracking and temporary files, and weights only
+        if run.json records no finished epoch (an epoch's model.pt and history.json are written before its
+        checkpoint and run.json: a kill in between leaves weights of an epoch that never finished)."""
+        if not self.path.is_dir() or self.has_checkpoint():
             return False
-        own = {CONFIG, INFO, HISTORY, LOCK, "metrics.csv", "tensorboard", "mlruns"}
+        if (self.path / WEIGHTS).exists() and self.read_info().get("epochs_completed"):
+            return False
+        own = {CONFIG, INFO, HISTORY, WEIGHTS, LOCK, "metrics.csv", "tensorboard", "mlruns"}
         return all(p.name in own or (p.name.startswith(".") and p.name.endswith(".tmp")) for p in self.path.iterdir())
 
     def clear_unfinished_start(self) -> None:

@@ -577,3 +577,22 @@ def test_a_bad_mlflow_tracking_uri_is_one_line(uri, tmp_path, capsys, monkeypatc
     # no dead end: the same command starts the run again once the store works
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert main(["train", "--log", "mlflow", "--epochs", "1", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("how", [["train", "--resume", "{run}", "--quiet"],
+                                 ["train", "--epochs", "2", "--out", "{run}", "--quiet"]])
+def test_a_kill_during_the_first_checkpoint_is_no_dead_end(how, run_copy, capsys):
+    """SIGKILL while epoch 1's checkpoint.pt was being written: model.pt and history.json of that epoch are
+    on disk, the checkpoint only as a temporary file, and run.json still says running with no epoch."""
+    (run_copy / "checkpoint.pt").unlink(missing_ok=True)
+    (run_copy / ".checkpoint.pt.1234.tmp").write_bytes(b"half a checkpoint")
+    for name in ("metrics.json", "loglik_per_point.npy"):
+        (run_copy / name).unlink(missing_ok=True)
+    shutil.rmtree(run_copy / "figures", ignore_errors=True)
+    info = json.loads((run_copy / "run.json").read_text())
+    for key in ("epochs_completed", "best_epoch", "best_valid_elbo", "test_elbo", "finished", "stopped_early"):
+        info.pop(key, None)
+    (run_copy / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    assert main([part.format(run=run_copy) for part in how]) == 0
+    assert json.loads((run_copy / "run.json").read_text())["status"] == "finished"
+    assert not list(run_copy.glob(".*.tmp"))
