@@ -596,3 +596,19 @@ def test_a_kill_during_the_first_checkpoint_is_no_dead_end(how, run_copy, capsys
     assert main([part.format(run=run_copy) for part in how]) == 0
     assert json.loads((run_copy / "run.json").read_text())["status"] == "finished"
     assert not list(run_copy.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--cpus-per-run", "100000"], "--cpus-per-run 100000: this machine has"),
+    (["--gpus-per-run", "nan"], "--gpus-per-run a number >= 0"),
+    (["--gpus-per-run", "1"], "--gpus-per-run 1: this machine has 0 GPUs"),
+    (["--executor", "ray", "--ray-address", "not an address"], "is not HOST:PORT"),
+    (["--executor", "ray", "--ray-address", "127.0.0.1:1"], "cannot reach the Ray cluster"),
+])
+def test_a_study_asks_only_for_what_the_machine_has(flags, words, tmp_path, capsys):
+    if "--gpus-per-run" in flags and flags[-1] == "1" and torch.cuda.device_count():
+        pytest.skip("this machine has a GPU")
+    line = one_line_error(capsys, main(["compare", "--priors", "normal", "--epochs", "1", "--out", str(tmp_path / "s"),
+                                        "--quiet", *flags]))
+    assert words in line
+    assert not (tmp_path / "s").exists()

@@ -37,8 +37,7 @@ def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1
         raise PyroVAEError(f"--k must be >= 1, got {k}")
     if executor not in EXECUTORS:
         raise PyroVAEError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
-    if cpus_per_run is not None and cpus_per_run < 1 or gpus_per_run < 0:
-        raise PyroVAEError("--cpus-per-run must be >= 1 and --gpus-per-run >= 0")
+    check_resources(executor, ray_address, cpus_per_run, gpus_per_run)
     _check_same_kind(out, kind)
     check_settings(settings, k)
     if published is not None:
@@ -69,6 +68,45 @@ def run_study(kind: str, settings: list[Setting], out: str | Path, *, k: int = 1
                            + "; ".join(f"{name}: {error}" for name, error in failures.items())
                            + (f"); the report covers the others: {report}" if report else ")"))
     return report
+
+
+RAY_CONNECT_TIMEOUT = 10.0
+"""Seconds a study waits for a Ray cluster's address to answer before it says it cannot be reached."""
+
+
+def check_resources(executor: str, address: str | None, cpus: int | None, gpus: float) -> None:
+    """What a study asks of the machine, refused in one line before any work: threads per run within the
+    cores (here, or on a Ray cluster started here), GPUs per run a finite number >= 0 that this machine has
+    (where no cluster is named), and a cluster address of the form HOST:PORT (or ray://HOST:PORT, or auto)
+    whose port answers within :data:`RAY_CONNECT_TIMEOUT` seconds, instead of a Ray call that waits on it."""
+    import math
+    import os
+
+    if cpus is not None and cpus < 1 or not (math.isfinite(gpus) and gpus >= 0):
+        raise PyroVAEError(f"--cpus-per-run must be >= 1 and --gpus-per-run a number >= 0, got {cpus} and {gpus}")
+    if cpus is not None and not address and cpus > (os.cpu_count() or 1):
+        raise PyroVAEError(f"--cpus-per-run {cpus}: this machine has {os.cpu_count()} cores")
+    if gpus > 0 and not address:
+        import torch
+
+        if torch.cuda.device_count() < math.ceil(gpus):
+            raise PyroVAEError(f"--gpus-per-run {gpus:g}: this machine has {torch.cuda.device_count()} GPUs (name a "
+                               "cluster that has them with --ray-address)")
+    if address and executor == "ray" and address != "auto":
+        _check_ray_address(address)
+
+
+def _check_ray_address(address: str) -> None:
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PyroVAEError(f"--ray-address {address!r} is not HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT).close()
+    except OSError as e:
+        raise PyroVAEError(f"--ray-address {address}: cannot reach the Ray cluster ({type(e).__name__}: "
+                           f"{e.strerror or e}; waited at most {RAY_CONNECT_TIMEOUT:g} s)") from None
 
 
 def _check_same_kind(out: Path, kind: str) -> None:
