@@ -612,3 +612,9 @@ def test_a_study_asks_only_for_what_the_machine_has(flags, words, tmp_path, caps
                                         "--quiet", *flags]))
     assert words in line
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("flag", ["--particles", "--draws", "--chains"])
+def test_an_analysis_that_would_never_end_is_one_line(flag, trained, capsys):
+    line = one_line_error(capsys, main(["analyze", str(trained), flag, str(10**12), "--quiet"]))
+    assert f"{flag} must be at most" in line

@@ -66,10 +66,19 @@ class AnalysisSettings:
                 raise PyroVAEError(f"{self.FLAGS[name]} must be >= {low}, got {value!r} ({name})")
         if self.seed >= SEED_LIMIT:
             raise PyroVAEError(f"--seed must be < 2^32, got {self.seed} (seed)")
+        for name, high in MOST.items():
+            if getattr(self, name) > high:
+                raise PyroVAEError(f"{self.FLAGS[name]} must be at most {high:,}, got {getattr(self, name):,} ({name}): "
+                                   "a number that large is a run that never ends on a CPU")
         if not (isinstance(self.target_accept_prob, float) and math.isfinite(self.target_accept_prob)
                 and 0 < self.target_accept_prob < 1):
             raise PyroVAEError(f"--target-accept-prob must lie in (0, 1), got {self.target_accept_prob!r}")
         return self
+
+
+MOST = {"num_particles": 1_000_000, "optimise_particles": 1_000_000, "num_draws": 1_000_000, "warmup": 1_000_000,
+        "num_chains": 1_000, "optimise_iterations": 1_000_000, "ppc_draws": 1_000_000, "max_tree_depth": 20}
+"""The largest value of each count an analysis takes (10^12 importance samples hung rather than failed)."""
 
 
 def settings_from(settings: AnalysisSettings | None, overrides: dict) -> AnalysisSettings:
