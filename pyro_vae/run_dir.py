@@ -59,8 +59,12 @@ def read_json(path) -> Any:
 def torch_load(path, what: str, device="cpu") -> Any:
     """``torch.load(weights_only=True)``: tensors and plain containers only, never code; a truncated or
     foreign file is one clear line."""
+    import warnings
+
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a legacy (raw pickle) file on two lines; the
+            warnings.simplefilter("ignore")  # one line below says what is wrong with it
+            return torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise PyroVAEError(f"{path} does not exist") from None
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:

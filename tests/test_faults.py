@@ -618,3 +618,15 @@ def test_a_study_asks_only_for_what_the_machine_has(flags, words, tmp_path, caps
 def test_an_analysis_that_would_never_end_is_one_line(flag, trained, capsys):
     line = one_line_error(capsys, main(["analyze", str(trained), flag, str(10**12), "--quiet"]))
     assert f"{flag} must be at most" in line
+
+
+def test_a_raw_pickle_as_model_pt_is_one_line(run_copy, capsys):
+    import pickle
+
+    import warnings
+
+    (run_copy / "model.pt").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    with warnings.catch_warnings(record=True) as caught:  # a warning would print lines of its own
+        warnings.simplefilter("always")
+        line = one_line_error(capsys, main(["sample", str(run_copy), "--out", str(run_copy.parent / "s.png")]))
+    assert "model.pt" in line and not [str(w.message) for w in caught]
