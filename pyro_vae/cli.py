@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from .config import Config, add_config_flags
-from .errors import PyroVAEError, RunInterrupted, TrainingDiverged
+from .errors import PyroVAEError, RunInterrupted, TrainingDiverged, one_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except PyroVAEError as e:
-        print(f"pyro-vae: error: {e}", file=sys.stderr)
+        print(f"pyro-vae: error: {one_line(e, limit=2000)}", file=sys.stderr)  # the one-line rule, whatever the source
         return 2
     except TrainingDiverged as e:
         print(f"pyro-vae: training diverged: {e}", file=sys.stderr)

@@ -11,3 +11,10 @@ class TrainingDiverged(RuntimeError):
 
 class RunInterrupted(KeyboardInterrupt):
     """Training was interrupted (Ctrl-C); the message says what was kept and how to go on."""
+
+
+def one_line(error: BaseException | str, limit: int = 300) -> str:
+    """An error's message as one line: a library's message may continue on more lines (torch's argument
+    checks print the offending tensor on the next one); runs of white space are folded to one space."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -630,3 +630,9 @@ def test_a_raw_pickle_as_model_pt_is_one_line(run_copy, capsys):
         warnings.simplefilter("always")
         line = one_line_error(capsys, main(["sample", str(run_copy), "--out", str(run_copy.parent / "s.png")]))
     assert "model.pt" in line and not [str(w.message) for w in caught]
+
+
+def test_a_prior_whose_parameters_torch_refuses_is_one_line(tmp_path, capsys):
+    line = one_line_error(capsys, main(["train", "--prior", "laplace", "--prior-scale", "1e-320", "--epochs", "1",
+                                        "--out", str(tmp_path / "r"), "--quiet"]))
+    assert "the prior failed when called" in line and "tensor(" in line  # the tensor stays, on the same line

@@ -37,7 +37,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ..errors import PyroVAEError
+from ..errors import PyroVAEError, one_line
 
 
 class Prior(nn.Module):
@@ -140,7 +140,7 @@ def as_prior(obj, latent_dim: int) -> Prior:
         except PyroVAEError:
             raise
         except Exception as e:
-            raise PyroVAEError(f"the prior {name!r}({latent_dim}) failed: {e}") from None
+            raise PyroVAEError(f"the prior {name!r}({latent_dim}) failed: {one_line(e)}") from None
         if isinstance(made, (dist.Distribution, nn.Module)):
             return as_prior(made, latent_dim)
         if callable(made):
@@ -167,7 +167,7 @@ def check_prior(prior: Prior, latent_dim: int) -> None:
     except PyroVAEError:
         raise
     except Exception as e:
-        raise PyroVAEError(f"the prior failed when called: {e}") from None
+        raise PyroVAEError(f"the prior failed when called: {one_line(e)}") from None
     if not isinstance(d, torch.distributions.Distribution):
         raise PyroVAEError(f"the prior must return a distribution, got {type(d).__name__}")
     if tuple(d.event_shape) != (latent_dim,):
