@@ -215,11 +215,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .run_dir import load_run
 
     _check_seed(args.seed)
-    run = load_run(args.run, trust=args.trust_prior)
+    run = _open_run(args)
     check_output_dir(run.path, "the run directory")
-    warning = run.status_warning()
-    if warning:
-        print(f"pyro-vae: warning: {warning}", file=sys.stderr)
     metrics = evaluate(run, num_particles=args.k, max_points=args.n_test, seed=args.seed,
                        num_samples=args.samples, progress=not args.quiet, reuse_loglik=args.reuse_loglik)
     print(format_table(metrics))
@@ -342,6 +339,18 @@ def _train_distributed(args: argparse.Namespace, config: Config | None) -> int:
     return 0
 
 
+def _open_run(args: argparse.Namespace):
+    """The run directory a command reads (``args.run``, its prior imported only with --trust-prior), with a
+    warning line where it is not a finished run or its history.json does not agree with run.json."""
+    from .run_dir import load_run
+
+    run = load_run(args.run, trust=args.trust_prior)
+    warning = run.status_warning()
+    if warning:
+        print(f"pyro-vae: warning: {warning}", file=sys.stderr)
+    return run
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -352,7 +361,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     _check_count("--n", args.n)
     _check_seed(args.seed)
-    run = load_run(args.run, trust=args.trust_prior)
+    run = _open_run(args)
     check_fits(f"--n {args.n} samples", 3.0 * args.n * (run.vae.data_dim + run.vae.latent_dim))
     out = check_output_file(args.out or run.figures / f"samples-seed{args.seed}.png", suffix=".png")
     torch.manual_seed(args.seed)
@@ -369,7 +378,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     _check_count("--n", args.n)
     _check_seed(args.seed)
-    run = load_run(args.run, trust=args.trust_prior)
+    run = _open_run(args)
     out = check_output_file(args.out or run.figures / f"reconstructions-{args.split}.png", suffix=".png")
     x, _ = run.split(args.split)  # binarized as in training, where it was
     if args.indices is not None:

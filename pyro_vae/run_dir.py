@@ -174,7 +174,21 @@ class RunFiles:
         history = read_json(self.path / HISTORY)
         if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
             raise PyroVAEError(f"{self.path / HISTORY}: expected a list of per-epoch records")
+        for n, record in enumerate(history, 1):
+            elbo = record.get("valid_elbo")
+            if record.get("epoch") != n or isinstance(elbo, bool) or not isinstance(elbo, (int, float)):
+                raise PyroVAEError(f"{self.path / HISTORY}: record {n} is not epoch {n} with a numeric valid_elbo "
+                                   f"(edited or mistyped?)")
         return history
+
+    def check_history(self, info: dict) -> None:
+        """history.json agrees with run.json: well-formed records, and as many as the epochs a finished run
+        completed (a running one may be an epoch ahead: its history is written before its run.json)."""
+        history = self.read_history()
+        done = info.get("epochs_completed") or 0
+        if len(history) < done or (info.get("status") == "finished" and len(history) != done):
+            raise PyroVAEError(f"{self.path / HISTORY} holds {len(history)} epochs where run.json records {done} "
+                               "(truncated or edited)")
 
     # model.pt and checkpoint.pt
     def save_weights(self, state_dict: dict) -> None:
@@ -367,11 +381,15 @@ class Run:
     def figures(self) -> Path:
         return self.path / FIGURES
 
+    history_problem: str | None = None
+    """What is wrong with history.json (truncated, mistyped), found when the run was opened; None if nothing."""
+
     def status_warning(self) -> str | None:
-        """A line saying the weights are not those of a finished run, or None if it finished."""
+        """A line saying the weights are not those of a finished run, or what is wrong with its history.json;
+        None if it finished and its files agree."""
         status = self.info.get("status")
         if status == "finished":
-            return None
+            return self.history_problem
         best = self.info.get("best_epoch")
         what = "being trained right now" if self.files.being_trained() is True else f"marked {status!r}"
         if status == "running" and what != "being trained right now":
@@ -394,6 +412,11 @@ def load_run(path: str | os.PathLike, prior=None, device: str | None = None, *, 
     files.clean_temporary()
     config = files.read_config()
     dim, shape, binary = files.read_data_shape()
+    try:  # sampling does not need the history: a broken one is said (Run.status_warning), not fatal
+        files.check_history(files.read_info())
+        history_problem = None
+    except PyroVAEError as e:
+        history_problem = str(e)
     try:
         vae = build_vae(config, dim, shape, binary, prior=prior_for(config, prior, files.path), trust_prior=trust)
     except UntrustedPrior as e:
@@ -404,4 +427,6 @@ def load_run(path: str | os.PathLike, prior=None, device: str | None = None, *, 
         first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e)[:100])
         raise PyroVAEError(f"{files / WEIGHTS} does not fit the model config.json describes ({first[:150]})") from None
     vae.to(device or "cpu").eval()
-    return Run(path=files.path, config=config, vae=vae, info=files.read_info(), data=data)
+    run = Run(path=files.path, config=config, vae=vae, info=files.read_info(), data=data)
+    run.history_problem = history_problem
+    return run

@@ -636,3 +636,20 @@ def test_a_prior_whose_parameters_torch_refuses_is_one_line(tmp_path, capsys):
     line = one_line_error(capsys, main(["train", "--prior", "laplace", "--prior-scale", "1e-320", "--epochs", "1",
                                         "--out", str(tmp_path / "r"), "--quiet"]))
     assert "the prior failed when called" in line and "tensor(" in line  # the tensor stays, on the same line
+
+
+@pytest.mark.parametrize("text,words", [("[]", "holds 0 epochs where run.json records 2"),
+                                        ('[{"epoch": 1, "valid_elbo": -3.0}]', "holds 1 epochs where run.json records 2"),
+                                        ('[{"epoch": 1, "valid_elbo": "high"}, {"epoch": 2, "valid_elbo": -1}]',
+                                         "record 1 is not epoch 1"),
+                                        ('{"epoch": 1}', "expected a list of per-epoch records")])
+def test_a_truncated_or_mistyped_history_is_said(text, words, run_copy, capsys):
+    """Sampling and reconstructing do not need the history, so they go on, with one warning line saying
+    what is wrong with it (the Python API keeps it as Run.history_problem)."""
+    (run_copy / "history.json").write_text(text)
+    for command in (["sample", str(run_copy), "--n", "4", "--out", str(run_copy.parent / "s.png")],
+                    ["reconstruct", str(run_copy), "--n", "4", "--out", str(run_copy.parent / "r.png")]):
+        assert main(command) == 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("pyro-vae: warning:") and words in err[0], err
+    assert words in load_run(run_copy).history_problem
