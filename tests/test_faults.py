@@ -653,3 +653,18 @@ def test_a_truncated_or_mistyped_history_is_said(text, words, run_copy, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("pyro-vae: warning:") and words in err[0], err
     assert words in load_run(run_copy).history_problem
+
+
+def test_a_data_parallel_refusal_comes_before_any_process_starts(tmp_path):
+    pytest.importorskip("lightning_fabric")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep").write_text("x")
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pyro_vae.cli", "train", "--devices", "2", "--epochs", "1", "--out",
+                           str(tmp_path / "full"), "--quiet"], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "already exists and is not empty" in lines[0], lines
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["keep"]  # no config.json, no run.json

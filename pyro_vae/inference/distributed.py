@@ -71,6 +71,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def _check_start(files: RunFiles, resume: bool) -> None:
+    """The run directory can take what is asked: a checkpoint to resume, or an empty (or absent) folder."""
+    if resume:
+        if not files.has_checkpoint():
+            raise PyroVAEError(f"{files.path} holds no checkpoint to resume")
+    elif files.path.exists() and any(files.path.iterdir()):
+        raise PyroVAEError(f"{files.path} already exists and is not empty")
+
+
 def train_distributed(config: Config, out, *, devices: int, num_nodes: int = 1, accelerator: str = "cpu",
                       strategy: str = "ddp", data: Dataset | None = None, resume: bool = False, trust: bool = False,
                       progress: bool = True):
@@ -92,6 +101,7 @@ def train_distributed(config: Config, out, *, devices: int, num_nodes: int = 1, 
         raise PyroVAEError(f"--devices > 1 does not support {', '.join(unsupported)} yet: train on one device")
     config.validate()
     check_output_dir(out, "--out")
+    _check_start(RunFiles(out), resume)  # before Fabric starts a process: one line, said once
     if data is None:
         data = load_dataset(config.dataset, config.data_root, download=config.download)
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
@@ -196,13 +206,10 @@ def _rank0_start(files: RunFiles, config: Config, data: Dataset, resume: bool, w
     import platform
 
     out = files.path
+    _check_start(files, resume)
     if resume:
-        if not files.has_checkpoint():
-            raise PyroVAEError(f"{out} holds no checkpoint to resume")
         stack.enter_context(files.training_lock())
         return
-    if out.exists() and any(out.iterdir()):
-        raise PyroVAEError(f"{out} already exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
     stack.enter_context(files.training_lock())
     files.write_config(config)
