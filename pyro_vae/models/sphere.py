@@ -89,6 +89,10 @@ class _SphereDistribution(dist.TorchDistribution):
         """z from t = mu^T z and a uniform direction orthogonal to mu."""
         v = _uniform_directions(t.shape, self.dim - 1, t)
         y = torch.cat([t.unsqueeze(-1), (1 - t * t).clamp_min(_EPS).sqrt().unsqueeze(-1) * v], -1)
+        # the clamp (which keeps the gradient finite at t = +-1) leaves |y|^2 = t^2 + 1e-7 near the poles: on the
+        # sphere to float32's precision, not to float64's, whose support check then refused the draws. Rescaled
+        # to norm 1 (the reflection below keeps it), they lie on it in either dtype.
+        y = y / y.norm(dim=-1, keepdim=True)
         return _rotate_from_e1(y, self.loc.expand(y.shape))
 
 
