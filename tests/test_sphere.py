@@ -234,3 +234,15 @@ def test_draws_lie_on_the_sphere_in_either_dtype(family, dtype):
             z = q.sample((3000,))
             assert z.dtype == dtype and bool(dist.constraints.sphere.check(z).all()), (d, kappa)
             assert torch.isfinite(q.log_prob(z)).all()
+
+
+def test_the_uniform_sphere_follows_its_dtype_and_validates():
+    u = UniformSphereDistribution(3, validate_args=True, dtype=torch.float64)
+    z = u.sample((5,))
+    assert z.dtype == torch.float64 and u.entropy().dtype == torch.float64
+    assert u.log_prob(z).dtype == torch.float64
+    assert UniformSphereDistribution(3).log_prob(z).dtype == torch.float64  # the value's dtype
+    for bad in (torch.tensor([2.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, 0.0, 0.0])):
+        with pytest.raises(ValueError):
+            u.log_prob(bad)
+    assert torch.allclose(u.log_prob(torch.tensor([0.0, 1.0, 0.0])), torch.tensor(-math.log(4 * math.pi)))

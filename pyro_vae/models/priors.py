@@ -175,7 +175,7 @@ class UniformSphere(Prior):
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
     def forward(self):
-        return UniformSphereDistribution(self.latent_dim, self._anchor.device)
+        return UniformSphereDistribution(self.latent_dim, self._anchor.device, dtype=self._anchor.dtype)
 
 
 class _SpherePrior(Prior):

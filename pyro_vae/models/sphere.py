@@ -229,32 +229,43 @@ class VonMisesFisher(_SphereDistribution):
 
 
 class UniformSphereDistribution(dist.TorchDistribution):
-    """The uniform distribution on the unit sphere S^{d-1} in R^d (density w.r.t. surface measure)."""
+    """The uniform distribution on the unit sphere S^{d-1} in R^d (density w.r.t. surface measure), in the
+    ``dtype`` it is made with (draws, entropy), its log_prob in the value's floating dtype; with
+    ``validate_args`` a value must have d coordinates and lie on the sphere."""
 
     arg_constraints = {}
     support = constraints.sphere
     has_rsample = True
 
-    def __init__(self, dim: int, device=None, batch_shape=torch.Size(), validate_args=None):
+    def __init__(self, dim: int, device=None, batch_shape=torch.Size(), validate_args=None,
+                 dtype: torch.dtype | None = None):
         if dim < 2:
             raise PyroVAEError("a sphere prior needs latent_dim >= 2")
         self.dim = dim
         self._device = device
+        self._dtype = dtype or torch.get_default_dtype()
         super().__init__(batch_shape, torch.Size([dim]), validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
-        return UniformSphereDistribution(self.dim, self._device, torch.Size(batch_shape))
+        return UniformSphereDistribution(self.dim, self._device, torch.Size(batch_shape),
+                                         validate_args=self.__dict__.get("_validate_args"), dtype=self._dtype)
 
     def rsample(self, sample_shape=torch.Size()):
-        x = torch.randn(self._extended_shape(sample_shape), device=self._device)
+        x = torch.randn(self._extended_shape(sample_shape), device=self._device, dtype=self._dtype)
         return x / x.norm(dim=-1, keepdim=True)
 
     def log_prob(self, value):
+        if self._validate_args:
+            if value.shape[-1:] != self.event_shape:
+                raise ValueError(f"a value of the uniform distribution on S^{self.dim - 1} has {self.dim} "
+                                 f"coordinates, got shape {tuple(value.shape)}")
+            self._validate_sample(value)
+        dtype = value.dtype if value.is_floating_point() else self._dtype
         return torch.full(torch.broadcast_shapes(value.shape[:-1], self.batch_shape), -log_sphere_area(self.dim),
-                          device=value.device)
+                          device=value.device, dtype=dtype)
 
     def entropy(self):
-        return torch.full(self.batch_shape, log_sphere_area(self.dim), device=self._device)
+        return torch.full(self.batch_shape, log_sphere_area(self.dim), device=self._device, dtype=self._dtype)
 
 
 @register_kl(PowerSpherical, UniformSphereDistribution)
