@@ -246,3 +246,15 @@ def test_the_uniform_sphere_follows_its_dtype_and_validates():
         with pytest.raises(ValueError):
             u.log_prob(bad)
     assert torch.allclose(u.log_prob(torch.tensor([0.0, 1.0, 0.0])), torch.tensor(-math.log(4 * math.pi)))
+
+
+def test_power_spherical_variance_and_shapes_as_pyro_expects():
+    torch.manual_seed(0)
+    loc = torch.nn.functional.normalize(torch.tensor([[1.0, 2.0, -1.0, 0.5], [0.0, 0.0, 1.0, 0.0]]), dim=-1)
+    q = PowerSpherical(loc, torch.tensor([3.0, 0.5]))
+    z = q.sample((200_000,))
+    assert torch.allclose(z.var(0), q.variance, atol=4e-3)
+    assert torch.allclose(z.mean(0), q.mean, atol=4e-3)
+    for family in (PowerSpherical, VonMisesFisher):
+        assert family.infer_shapes(loc=(5, 3), concentration=(5,)) == (torch.Size([5]), torch.Size([3]))
+        assert family.infer_shapes(loc=(3,), concentration=(2, 1)) == (torch.Size([2, 1]), torch.Size([3]))

@@ -85,6 +85,12 @@ class _SphereDistribution(dist.TorchDistribution):
         return type(self)(self.loc.expand(*batch_shape, self.dim), self.concentration.expand(batch_shape),
                           validate_args=self.__dict__.get("_validate_args"))
 
+    @classmethod
+    def infer_shapes(cls, loc, concentration):
+        """(batch_shape, event_shape) from the parameters' shapes, as Pyro's distributions give them:
+        ``loc`` (..., d) and ``concentration`` (...) broadcast to the batch; the event is (d,)."""
+        return torch.broadcast_shapes(torch.Size(loc[:-1]), torch.Size(concentration)), torch.Size(loc[-1:])
+
     def _rotate(self, t: torch.Tensor, sample_shape) -> torch.Tensor:
         """z from t = mu^T z and a uniform direction orthogonal to mu."""
         v = _uniform_directions(t.shape, self.dim - 1, t)
@@ -131,6 +137,17 @@ class PowerSpherical(_SphereDistribution):
     def mean(self) -> torch.Tensor:
         a, b = self._ab()
         return self.loc * ((a - b) / (a + b)).unsqueeze(-1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Var(z_i): with z = t mu + sqrt(1 - t^2) v, v uniform on the unit sphere orthogonal to mu,
+        E[z z^T] = E[t^2] mu mu^T + (1 - E[t^2]) / (d - 1) (I - mu mu^T), where (t + 1) / 2 ~ Beta(a, b):
+        E t = (a - b) / (a + b), E t^2 = 1 - 4 a b / ((a + b)(a + b + 1))."""
+        a, b = self._ab()
+        mean_t = ((a - b) / (a + b)).unsqueeze(-1)
+        mean_t2 = (1 - 4 * a * b / ((a + b) * (a + b + 1))).unsqueeze(-1)
+        mu2 = self.loc * self.loc
+        return mean_t2 * mu2 + (1 - mean_t2) / (self.dim - 1) * (1 - mu2) - mean_t * mean_t * mu2
 
 
 class _LogBesselI(torch.autograd.Function):
