@@ -668,3 +668,21 @@ def test_a_data_parallel_refusal_comes_before_any_process_starts(tmp_path):
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "already exists and is not empty" in lines[0], lines
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["keep"]  # no config.json, no run.json
+
+
+def test_a_data_parallel_resume_of_another_world_size_is_refused_before_fabric(tmp_path):
+    pytest.importorskip("lightning_fabric")
+    import subprocess
+    import sys
+
+    def stop(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(epochs=3), tmp_path / "r", progress=False, on_epoch_end=stop)
+    assert (tmp_path / "r" / "checkpoint.pt").is_file()
+    proc = subprocess.run([sys.executable, "-m", "pyro_vae.cli", "train", "--resume", str(tmp_path / "r"), "--devices",
+                           "2", "--quiet"], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "was trained on 1 process(es)" in lines[0], lines

@@ -287,3 +287,16 @@ def test_sphere_entropies_in_float32_agree_with_float64(d, kappa):
         kl32 = torch.distributions.kl_divergence(family(mu.float(), torch.tensor(kappa)), UniformSphereDistribution(d))
         kl64 = log_sphere_area(d) - h64.item()
         assert kl32.dtype == torch.float32 and kl32.item() >= 0 and abs(kl32.item() - kl64) < 1e-3 * max(1.0, kl64 * 1e-4)
+
+
+@pytest.mark.parametrize("d", [2, 10, 1000, 5000])
+def test_power_spherical_normaliser_against_arbitrary_precision(d):
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    mu = torch.zeros(d, dtype=torch.float64)
+    mu[0] = 1
+    for kappa in (1e-4, 1.0, 100.0, 1e4, 1e6):
+        a, b = mpmath.mpf(d - 1) / 2 + kappa, mpmath.mpf(d - 1) / 2
+        ref = float(-((a + b) * mpmath.log(2) + b * mpmath.log(mpmath.pi) + mpmath.loggamma(a) - mpmath.loggamma(a + b)))
+        got = PowerSpherical(mu, torch.tensor(kappa, dtype=torch.float64)).log_normalizer().item()
+        assert abs(got - ref) < 1e-6 * max(1.0, abs(ref) * 1e-6), (d, kappa, got, ref)

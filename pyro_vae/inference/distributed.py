@@ -71,11 +71,18 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def _check_start(files: RunFiles, resume: bool) -> None:
-    """The run directory can take what is asked: a checkpoint to resume, or an empty (or absent) folder."""
+def _check_start(files: RunFiles, resume: bool, world: int | None = None) -> None:
+    """The run directory can take what is asked: a checkpoint to resume (of ``world`` processes, where
+    given), or an empty (or absent) folder."""
     if resume:
         if not files.has_checkpoint():
             raise PyroVAEError(f"{files.path} holds no checkpoint to resume")
+        if world is not None:
+            rng = files.load_checkpoint("cpu").rng
+            ranks = rng.get("ranks") if isinstance(rng, dict) else None
+            if not ranks or len(ranks) != world:
+                raise PyroVAEError(f"{files.path} was trained on {len(ranks) if ranks else 1} process(es); resume it "
+                                   f"with the same --devices x --num-nodes (not {world})")
     elif files.path.exists() and any(files.path.iterdir()):
         raise PyroVAEError(f"{files.path} already exists and is not empty")
 
@@ -101,7 +108,7 @@ def train_distributed(config: Config, out, *, devices: int, num_nodes: int = 1, 
         raise PyroVAEError(f"--devices > 1 does not support {', '.join(unsupported)} yet: train on one device")
     config.validate()
     check_output_dir(out, "--out")
-    _check_start(RunFiles(out), resume)  # before Fabric starts a process: one line, said once
+    _check_start(RunFiles(out), resume, devices * num_nodes)  # before Fabric starts a process: said once
     if data is None:
         data = load_dataset(config.dataset, config.data_root, download=config.download)
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
