@@ -686,3 +686,23 @@ def test_a_data_parallel_resume_of_another_world_size_is_refused_before_fabric(t
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "was trained on 1 process(es)" in lines[0], lines
+
+
+def test_an_mlflow_server_that_never_answers_fails_in_one_line(tmp_path, capsys, monkeypatch):
+    """A port that takes the connection and never replies (a listening socket nobody serves): MLflow's
+    request times out (shortened here to 2 s) and the run refuses in one line instead of hanging."""
+    pytest.importorskip("mlflow")
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        line = one_line_error(capsys, main(["train", "--log", "mlflow", "--epochs", "1", "--out", str(tmp_path / "r"),
+                                            "--quiet"]))
+        assert "--log mlflow" in line
+    finally:
+        server.close()
