@@ -291,6 +291,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     why = "" if info["compiled"] else f" (not compiled: {info['not_compiled_because']})"
     print(f"  objective: {info['elbo']}{why}")
     print(f"  figures: {run.figures}/")
+    from .inference.evaluate import training_warnings
+
+    for warning in training_warnings(info, run.config.epochs):
+        more = (f" (pyro-vae train --resume {run.path} --epochs {2 * info['epochs_completed']})"
+                if warning.startswith("not converged") else "")
+        print(f"  warning: {warning}{more}")
     return 0
 
 

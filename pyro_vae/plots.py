@@ -132,8 +132,9 @@ def draw_latent_space(ax, vae, x: torch.Tensor, labels: torch.Tensor | None, gri
         for k in np.unique(values)[:10]:
             handles.append(plt.Line2D([], [], color=plt.get_cmap("tab10")(int(k) % 10), marker="o", ls="",
                                       label=f"label {int(k)}"))
-    if legend:
-        ax.legend(handles=handles, fontsize=6, loc="upper right", framealpha=0.8, ncol=2 if len(handles) > 6 else 1)
+    if legend:  # beside the axes, not over the codes it explains
+        ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                  framealpha=0.8, ncol=2 if len(handles) > 12 else 1)
     ax.set_title(title or default_title)
     return sc
 
@@ -166,8 +167,9 @@ def _draw_prior_2d(ax, prior, z: np.ndarray, grid_size: int, device) -> list:
 
 
 def plot_latent_space(vae, x: torch.Tensor, labels: torch.Tensor | None, path, grid_size: int = 200) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 5.5))
+    fig, ax = plt.subplots(figsize=(7.4, 5.5))
     draw_latent_space(ax, vae, x, labels, grid_size)
+    fig.tight_layout()
     return save_figure(fig, path)
 
 

@@ -114,3 +114,17 @@ def test_static_binarized_mnist_trains_through_the_cli(tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert info["data"]["n_test"] == 10_000 and info["data"]["binary"]
     assert -250 < info["test_elbo"] < -100
+
+
+def test_train_ends_with_the_health_hint_and_logs_carry_no_bar_codes(tmp_path, capsys):
+    """A run whose best epoch is its last says so when train ends, with the command that trains it on; a
+    study writing to a file (not a terminal) prints lines, never a progress bar's carriage returns."""
+    assert main(["train", "--epochs", "2", "--hidden-dim", "16", "--patience", "0", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr()
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["best_epoch"] == 2  # still improving
+    assert "warning: not converged" in out.out and f"--resume {tmp_path / 'r'} --epochs 4" in out.out
+    assert main(["compare", "--priors", "normal", "--epochs", "1", "--hidden-dim", "16", "--k", "5",
+                 "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr()
+    assert "\r" not in out.err and "\x1b[" not in out.err
+    assert "evaluate normal-z2-s0: ELBO (1/6)" in out.err  # the stages, as lines

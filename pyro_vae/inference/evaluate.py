@@ -6,10 +6,10 @@ on the same test set can be compared by paired differences.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import PyroVAEError
 from ..run_dir import METRICS, PER_POINT, Run
@@ -18,6 +18,7 @@ from ..subsets import describe, random_subset
 from .metrics import (ExPostMixture, active_units, aggregate_posterior, components_in_use, elbo_per_datapoint,
                       iw_log_likelihood, mean_and_stderr, parameter_counts, prior_gap, rate_and_distortion,
                       sharpness_ratio)
+from .tracking import bar as _bar, is_terminal
 
 
 def ex_post_mixture(run: Run, seed: int = 0, max_points: int = 10_000) -> ExPostMixture:
@@ -56,32 +57,38 @@ def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None,
     started = time.perf_counter()
     stages = ["ELBO", f"log p(x), K={num_particles}", "rate/distortion", "aggregate posterior", "prior gap",
               "samples"]
-    bar = tqdm(stages, desc="evaluate", disable=not progress)
+    bar = _bar(stages, desc="evaluate", enabled=progress)
+    lines = progress and not is_terminal()  # a log file: one line per stage instead of the bar
+
+    def stage(i: int) -> None:
+        bar.set_postfix_str(stages[i])
+        if lines:
+            print(f"evaluate {run.path.name}: {stages[i]} ({i + 1}/{len(stages)})", file=sys.stderr, flush=True)
     out: dict = {"num_test_points": len(x), "num_particles": num_particles, "seed": seed,
                  "subsets": {"test": test.record()}}
     with seeded(seed, x.device):
-        bar.set_postfix_str(stages[0])
+        stage(0)
         elbo = elbo_per_datapoint(vae, x, num_particles=10)
         out["elbo"] = mean_and_stderr(elbo)
         bar.update()
-        bar.set_postfix_str(stages[1])
+        stage(1)
         train_all = run.split("train")[0]
         loglik = _log_likelihoods(vae, x, train_all, kept, elbo, num_particles, seed, progress, out)
         bar.update()
-        bar.set_postfix_str(stages[2])
+        stage(2)
         rd = rate_and_distortion(vae, x)
         out["rate"] = mean_and_stderr(rd["rate"])
         out["rate_closed_form"] = rd["rate_closed_form"]
         out["distortion"] = mean_and_stderr(rd["distortion"])
         out.update(active_units(vae, x))
         bar.update()
-        bar.set_postfix_str(stages[3])
+        stage(3)
         _aggregate_measures(vae, x, rd["rate"], seed, out)
         bar.update()
-        bar.set_postfix_str(stages[4])
+        stage(4)
         out["prior_gap"] = prior_gap(vae, x, train_all)
         bar.update()
-        bar.set_postfix_str(stages[5])
+        stage(5)
         samples = _sample_metrics(run, data, x, labels, num_samples, seed)
         out["subsets"].update(samples.pop("subsets_samples"))
         out.update(samples)
@@ -161,15 +168,22 @@ def health_warnings(info: dict, max_epochs: int, metrics: dict) -> list[str]:
     if metrics["active_units"] == 0 or rate < 0.1:
         out.append(f"posterior collapse: {metrics['active_units']} active units, rate {rate:.3f} nats: q(z|x) is "
                    "(nearly) the prior for every x, so the decoder ignores z")
-    best, done = info.get("best_epoch"), info.get("epochs_completed")
-    if info.get("status") == "finished" and best is not None and best == done and not info.get("stopped_early"):
-        out.append(f"not converged: the best epoch is the last one ({done} of at most {max_epochs}); "
-                   "the validation ELBO was still rising: train longer")
     mixture = metrics.get("mixture")
     if mixture and mixture["components_in_use"] < mixture["num_components"] / 10:
         out.append(f"mixture collapsed: {mixture['components_in_use']:.1f} of {mixture['num_components']} components "
                    "in use (the effective number of the codes' mean responsibilities): the prior is nearly a "
                    "mixture of that many components")
+    return out + training_warnings(info, max_epochs)
+
+
+def training_warnings(info: dict, max_epochs: int) -> list[str]:
+    """What run.json alone says is wrong: a run that had not converged (its best epoch is its last, with
+    no early stop), or one that did not finish. ``pyro-vae train`` prints these when it ends too."""
+    out = []
+    best, done = info.get("best_epoch"), info.get("epochs_completed")
+    if info.get("status") == "finished" and best is not None and best == done and not info.get("stopped_early"):
+        out.append(f"not converged: the best epoch is the last one ({done} of at most {max_epochs}); "
+                   "the validation ELBO was still rising: train longer")
     if info.get("status") != "finished":
         out.append(f"the run is marked {info.get('status')!r}, not finished: these are its best weights so far")
     return out

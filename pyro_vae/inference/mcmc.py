@@ -24,12 +24,12 @@ from pyro.infer import MCMC, NUTS
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import biject_to
-from tqdm.auto import tqdm
 
 from ..errors import PyroVAEError
 from ..models.supports import describe, unwrap_mixture
 from ..seeding import seeded
 from .settings import AnalysisSettings, settings_from
+from .tracking import bar as _bar
 
 SAMPLE_STATS = ("diverging", "step_size", "tree_depth", "n_steps", "acceptance_rate", "lp", "energy")
 
@@ -297,7 +297,7 @@ def run_nuts(vae, x: torch.Tensor, settings: AnalysisSettings | None = None, **o
                            f"model ({type(vae).__name__}.model) is traced by Pyro, which has no such augmentation")
     started = time.perf_counter()
     chains, records = [], []
-    bar = tqdm(total=num_chains * (warmup + num_draws), disable=not progress, unit="it", desc="NUTS",
+    bar = _bar(total=num_chains * (warmup + num_draws), enabled=progress, unit="it", desc="NUTS",
                dynamic_ncols=True)
     state = {"chain": 0}
 

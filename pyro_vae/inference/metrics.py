@@ -50,10 +50,10 @@ def trace_log_weights(vae, x: torch.Tensor, num_particles: int) -> torch.Tensor:
 
 
 def _batched(fn, x: torch.Tensor, batch_size: int, progress: bool = False, desc: str = "") -> torch.Tensor:
-    from tqdm.auto import tqdm
+    from .tracking import bar as _bar
 
     starts = range(0, x.shape[0], batch_size)
-    return torch.cat([fn(x[i : i + batch_size]) for i in tqdm(starts, disable=not progress, desc=desc, leave=False,
+    return torch.cat([fn(x[i : i + batch_size]) for i in _bar(starts, enabled=progress, desc=desc, leave=False,
                                                                unit="batch", dynamic_ncols=True)])
 
 

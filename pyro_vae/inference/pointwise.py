@@ -14,11 +14,11 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import PyroVAEError
 from ..seeding import seeded
 from .mcmc import single_thread
+from .tracking import bar as _bar
 
 
 class FreeOutputs(nn.Module):
@@ -65,7 +65,7 @@ def pointwise_guide(vae, x: torch.Tensor, max_iter: int = 200, num_particles: in
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
     optim = torch.optim.LBFGS([free.outputs], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6,
                               tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe")
-    bar = tqdm(total=max_iter, disable=not progress, desc="per-point guide", unit="eval", dynamic_ncols=True)
+    bar = _bar(total=max_iter, enabled=progress, desc="per-point guide", unit="eval", dynamic_ncols=True)
     best = {"loss": float("inf")}
 
     def closure():

@@ -72,12 +72,12 @@ def reference_classifier(data: Dataset, cache_dir: str | Path | None = None, see
 
 
 def _fit_classifier(clf: ReferenceClassifier, data: Dataset, progress: bool) -> None:
-    from tqdm.auto import tqdm
+    from .tracking import bar as _bar
 
     x, y = data.train, data.train_labels
     epochs = max(3, min(40, 100_000 // len(x)))
     optim = torch.optim.Adam(clf.parameters(), lr=1e-3, weight_decay=1e-4)
-    for _ in tqdm(range(epochs), desc="reference classifier", disable=not progress):
+    for _ in _bar(range(epochs), desc="reference classifier", enabled=progress):
         perm = torch.randperm(len(x))
         for i in range(0, len(x), 128):
             idx = perm[i : i + 128]

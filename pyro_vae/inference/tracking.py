@@ -34,6 +34,19 @@ MLFLOW_NETWORK = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_
 reached fails within about a minute (20 s a request, one retry) instead of retrying for many minutes."""
 
 
+def is_terminal(stream=None) -> bool:
+    """Whether ``stream`` (default stderr, where tqdm writes) is a terminal: a bar's carriage returns and
+    escape codes belong there, not in a log file."""
+    stream = stream or sys.stderr
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+def bar(*args, enabled: bool = True, **kw):
+    """A tqdm progress bar on a terminal, and none elsewhere (a log file gets no carriage returns); the
+    long commands print a line per stage or epoch there instead."""
+    return tqdm(*args, disable=not (enabled and is_terminal(kw.get("file"))), **kw)
+
+
 class Progress:
     """A tqdm bar over steps on a terminal; elsewhere one printed line per epoch (or nothing)."""
 

@@ -18,11 +18,11 @@ import os
 import traceback
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from ..errors import PyroVAEError
 from ..run_dir import RunFiles, load_run
 from .settings import Setting
+from ..inference.tracking import bar as _bar
 
 EXECUTORS = ("local", "ray")
 
@@ -74,7 +74,7 @@ def _probe(out: str) -> str | None:
 
 def run_local(out: Path, settings: list[Setting], k: int, threads: int | None, progress: bool) -> dict[str, str]:
     """Every setting here, one after another; the first failure stops the study (as it always has)."""
-    bar = tqdm(settings, desc="study", unit="run", disable=not progress)
+    bar = _bar(settings, desc="study", unit="run", enabled=progress)
     for s in bar:
         bar.set_postfix_str(s.name)
         run_setting(out, s, k, threads, progress)
@@ -108,7 +108,7 @@ def run_ray(out: Path, settings: list[Setting], k: int, *, address: str | None, 
             names[task.remote(where, s, k, cpus)] = s.name
         pending = list(names)
         failures = {}
-        with tqdm(total=len(pending), desc="study (ray)", unit="run", disable=not progress) as bar:
+        with _bar(total=len(pending), desc="study (ray)", unit="run", enabled=progress) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 try:

@@ -51,8 +51,9 @@ def study_figures(group: list[Setting], out: Path, figures: Path, d: int) -> dic
     ncol = min(4, len(runs))
     nrow = math.ceil(len(runs) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.8 * nrow), squeeze=False)
-    for ax, (lab, r) in zip(axes.ravel(), runs.items()):
-        draw_latent_space(ax, r.vae, x[:1000], None if y is None else y[:1000], grid_size=120, title=lab)
+    for i, (ax, (lab, r)) in enumerate(zip(axes.ravel(), runs.items())):  # one legend, beside the last panel
+        draw_latent_space(ax, r.vae, x[:1000], None if y is None else y[:1000], grid_size=120, title=lab,
+                          legend=i == len(runs) - 1)
     for ax in axes.ravel()[len(runs):]:
         ax.set_axis_off()
     dims = {r.vae.latent_dim for r in runs.values()}  # a shifted run (latent_dim d + n) is drawn as a projection
