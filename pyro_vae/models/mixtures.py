@@ -161,8 +161,9 @@ class _MixtureLogProb(torch.autograd.Function):
     (the logits' aside). On a CPU the backward pass finds the components in use (a column sum) and, where they
     are at most half of the K, computes their gradients only: two GEMMs over them and no pass over the other
     components' parameters. In the binarized-MNIST benchmark at K = 500, d = 40, 13 to 31 components served a
-    batch of 100 codes after 300 steps, and one served every test code of the study's trained mixture (see
-    ``studies/binarized-mnist-priors/mixture_usage.py``). The same numbers either way, to rounding."""
+    batch of 100 codes after 300 steps (a mixture whose codes use few components per batch, as a collapsed
+    one does: metrics.json's ``mixture`` says how many a trained run uses). The same numbers either way, to
+    rounding."""
 
     @staticmethod
     def forward(ctx, z, logits, loc, log_scale):
