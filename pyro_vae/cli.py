@@ -24,8 +24,7 @@ CONFIG_HELP = ("start from this config file (TOML, JSON such as a run's config.j
                "(recipes/vampprior-static-mnist.toml); flags given as well override it")
 STUDY_DEFAULTS = {"priors": "normal,laplace,student-t,mog,vamp,flow", "betas": "0,0.1,0.5,1,2,4", "latent_dims": "2",
                   "seeds": 1, "k": 1000}
-MAX_SEEDS = 1000
-"""Seeds per setting a study takes: each is a run trained to the end."""
+MAX_SEEDS = 1000  # seeds per setting a study takes: each is a run trained to the end
 TRUST_HELP = ("import and run the prior this run's config.json names as module:attribute (only for run "
               "directories you trust: importing a module runs its code)")
 
@@ -179,17 +178,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def _offsets(args: argparse.Namespace, options: dict) -> dict[str, int]:
     """--latent-dim-offsets PRIOR=N,... (else the config file's [study] latent_dim_offsets)."""
+    from .study.settings import parse_offsets
+
     if args.latent_dim_offsets is None:
         return dict(options.get("latent_dim_offsets", {}))
-    out = {}
-    for item in _list(args.latent_dim_offsets, str, "--latent-dim-offsets"):
-        prior, _, n = (part.strip() for part in item.partition("="))
-        if not prior or not (n.isascii() and n.isdigit()):  # (str.isdigit alone admits "²", which int() refuses)
-            raise PyroVAEError(f"--latent-dim-offsets takes PRIOR=N with N a whole number >= 0, got {item!r}")
-        if prior in out:
-            raise PyroVAEError(f"--latent-dim-offsets names {prior} twice")
-        out[prior] = int(n)
-    return out
+    return parse_offsets(_list(args.latent_dim_offsets, str, "--latent-dim-offsets"))
 
 
 def _list(value, kind, flag: str) -> list:
@@ -268,7 +261,9 @@ def _check_seed(seed: int) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .inference.train import resume, train
 
-    _check_devices(args)
+    from .inference.distributed import check_devices
+
+    check_devices(args.devices, args.num_nodes, args.accelerator or getattr(args, "device", "cpu"))
     if args.resume is not None:
         extra = set(vars(args)) & ({f.name for f in dataclasses.fields(Config)} - {"epochs", "jit"})
         if extra or args.config or args.out:
@@ -298,26 +293,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                 if warning.startswith("not converged") else "")
         print(f"  warning: {warning}{more}")
     return 0
-
-
-def _check_devices(args: argparse.Namespace) -> None:
-    """--devices and --num-nodes are whole numbers >= 1; on one node, --devices CPU processes fit the cores
-    and --accelerator cuda needs as many GPUs: refused before a process starts."""
-    import os
-
-    if args.devices < 1 or args.num_nodes < 1:
-        raise PyroVAEError(f"--devices and --num-nodes must be >= 1, got {args.devices} and {args.num_nodes}")
-    if args.devices == 1 or args.num_nodes > 1:
-        return
-    if args.accelerator == "cuda" or (args.accelerator is None and getattr(args, "device", "cpu") == "cuda"):
-        import torch
-
-        if torch.cuda.device_count() < args.devices:
-            raise PyroVAEError(f"--devices {args.devices} --accelerator cuda needs {args.devices} GPUs; "
-                               f"{torch.cuda.device_count()} found")
-    elif args.devices > (os.cpu_count() or 1):
-        raise PyroVAEError(f"--devices {args.devices} CPU processes on a machine of {os.cpu_count()} cores: "
-                           f"use at most {os.cpu_count()}")
 
 
 def _train_distributed(args: argparse.Namespace, config: Config | None) -> int:

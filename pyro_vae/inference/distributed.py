@@ -71,6 +71,24 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def check_devices(devices: int, num_nodes: int, accelerator: str = "cpu") -> None:
+    """``--devices`` and ``--num-nodes`` are whole numbers >= 1; on one node, ``devices`` CPU processes fit
+    the cores and ``accelerator="cuda"`` needs as many GPUs: refused before a process starts."""
+    import os
+
+    if devices < 1 or num_nodes < 1:
+        raise PyroVAEError(f"--devices and --num-nodes must be >= 1, got {devices} and {num_nodes}")
+    if devices == 1 or num_nodes > 1:
+        return
+    if accelerator == "cuda":
+        if torch.cuda.device_count() < devices:
+            raise PyroVAEError(f"--devices {devices} --accelerator cuda needs {devices} GPUs; "
+                               f"{torch.cuda.device_count()} found")
+    elif devices > (os.cpu_count() or 1):
+        raise PyroVAEError(f"--devices {devices} CPU processes on a machine of {os.cpu_count()} cores: "
+                           f"use at most {os.cpu_count()}")
+
+
 def _check_start(files: RunFiles, resume: bool, world: int | None = None) -> None:
     """The run directory can take what is asked: a checkpoint to resume (of ``world`` processes, where
     given), or an empty (or absent) folder."""
@@ -108,15 +126,15 @@ def train_distributed(config: Config, out, *, devices: int, num_nodes: int = 1, 
         raise PyroVAEError(f"--devices > 1 does not support {', '.join(unsupported)} yet: train on one device")
     config.validate()
     check_output_dir(out, "--out")
-    _check_start(RunFiles(out), resume, devices * num_nodes)  # before Fabric starts a process: said once
-    if data is None:
-        data = load_dataset(config.dataset, config.data_root, download=config.download)
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
     trusted = trust or not resume  # a new run's config is the caller's; a resumed run's comes from its file
     if not trusted and ":" in config.prior and config.prior != "<object>":
         from ..models.user_priors import UntrustedPrior
 
         raise PyroVAEError(f"{out} was trained with a prior of its own: {UntrustedPrior(config.prior)}")
+    _check_start(RunFiles(out), resume, devices * num_nodes)  # before Fabric starts a process: said once
+    if data is None:
+        data = load_dataset(config.dataset, config.data_root, download=config.download)
+    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
     if strategy == "ddp_spawn":
         path = fabric.launch(_worker, config, str(out), data, resume, trusted, progress)
     else:

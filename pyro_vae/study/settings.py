@@ -88,6 +88,19 @@ def parameter_matched_settings(settings: list[Setting], matched: str, data_dim: 
     return out
 
 
+def parse_offsets(items: list[str]) -> dict[str, int]:
+    """``--latent-dim-offsets`` items, PRIOR=N with N a whole number >= 0, each prior once."""
+    out = {}
+    for item in items:
+        prior, _, n = (part.strip() for part in item.partition("="))
+        if not prior or not (n.isascii() and n.isdigit()):  # (str.isdigit alone admits "²", which int() refuses)
+            raise PyroVAEError(f"--latent-dim-offsets takes PRIOR=N with N a whole number >= 0, got {item!r}")
+        if prior in out:
+            raise PyroVAEError(f"--latent-dim-offsets names {prior} twice")
+        out[prior] = int(n)
+    return out
+
+
 def beta_settings(base: Config, betas: list[float], latent_dims: list[int], seeds: int) -> list[Setting]:
     if any(not b >= 0 for b in betas):
         raise PyroVAEError(f"every beta must be >= 0, got {betas}")
