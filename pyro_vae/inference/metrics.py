@@ -263,10 +263,13 @@ class ExPostMixture:
 
 @torch.no_grad()
 def prior_gap(vae, x: torch.Tensor, train_x: torch.Tensor, num_particles: int = 4, batch_size: int = 500) -> dict:
-    """What any prior could still give this encoder and decoder: the ELBO with the prior replaced by the
-    aggregate posterior of the training images, q(z) = (1/N) sum_n q(z | x_n) (all N of them), minus the
-    ELBO with the run's own prior. q(z) maximises E_x E_q(z|x) log p(z) over all priors p for a fixed
-    encoder (Hoffman & Johnson 2016, the VampPrior paper's motivation); the difference per test point,
+    """The held-out prior gap: the ELBO with the prior replaced by the aggregate posterior of the training
+    images, q(z) = (1/N) sum_n q(z | x_n) (all N of them), minus the ELBO with the run's own prior. q(z)
+    maximises E_x E_q(z|x) log p(z) over all priors p for a fixed encoder, the x being the N images it is
+    made of (Hoffman & Johnson 2016, the VampPrior paper's motivation); on test images it need not, and
+    where the posteriors are narrow it does not: binarized MNIST at d = 40 gives -25 to -31 nats for every
+    prior (the empirical q(z) overfits: a test code falls between the training images' components), the
+    8x8 digits at d = 2 and 8 give +0.1 to +1.3. The difference per test point,
 
         gap(x) = E_{z ~ q(z|x)} [log q(z) - log p(z)],
 

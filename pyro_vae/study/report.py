@@ -205,7 +205,7 @@ def write_report(kind: str, settings: list[Setting], out: Path, command: str = "
            "points) is this run's, else 'not comparable' (what differs is listed under the source); "
            if published else "")
         + f"the paired per-test-point difference to the first {what} (± standard error); the same bound on up to "
-        "1000 training images (far above the test figure: overfitting; both low: under-fitting); ELBO; rate "
+        "1000 random training images (far above the test figure: overfitting; both low: under-fitting); ELBO; rate "
         "KL(q(z|x)‖p(z)); distortion -E log p(x|z); active units; the mutual information and marginal KL of "
         "the aggregate posterior (ELBO surgery: rate = I + marginal KL); the prior-hole score (share of prior "
         "draws where the aggregate posterior has less density than at 99% of the data's codes); Frechet "
@@ -281,8 +281,10 @@ def _health_section(out: Path, settings: list[Setting]) -> list[str]:
     if "prior_gap" in first:
         lines += ["- Prior gap: the test ELBO with the prior replaced by the aggregate posterior of all "
                   f"{first['prior_gap']['num_train_points']:,} training images, q(z) = (1/N) sum_n q(z|x_n), minus the "
-                  "ELBO with the run's own prior (± standard error over test points): what any prior could still "
-                  "give this encoder and decoder (q(z) is the optimal prior for them; Hoffman & Johnson 2016)."]
+                  "ELBO with the run's own prior (± standard error over test points). q(z) is the prior that maximises "
+                  "the ELBO of the images it is made of (Hoffman & Johnson 2016); on held-out images it can do worse "
+                  "than the run's prior (a negative gap): with narrow posteriors the empirical aggregate posterior "
+                  "overfits, a test image's code falling between the training images' components."]
     if any("components_in_use" in metric_row(out, s) for s in settings):
         lines += ["- Components in use: the effective number exp(H(u)) of the mixture components' mean "
                   "responsibilities u over the aggregate posterior's codes (K when the codes use all K evenly, 1 "
