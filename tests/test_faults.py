@@ -706,3 +706,15 @@ def test_an_mlflow_server_that_never_answers_fails_in_one_line(tmp_path, capsys,
         assert "--log mlflow" in line
     finally:
         server.close()
+
+
+def test_data_parallel_training_refuses_what_its_loop_does_not_do(tmp_path):
+    """The data-parallel loop calls no prior hook after an epoch: a re-seeded mixture is refused there, in one
+    line, rather than trained without its re-seeding."""
+    pytest.importorskip("lightning_fabric")
+    from pyro_vae.inference.distributed import train_distributed
+
+    config = tiny_config(prior="mog", prior_weights="uniform", prior_reseed=True, epochs=1)
+    with pytest.raises(PyroVAEError, match="does not support --prior-reseed"):
+        train_distributed(config, tmp_path / "r", devices=2)
+    assert not (tmp_path / "r").exists()

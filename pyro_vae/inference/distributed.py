@@ -121,7 +121,9 @@ def train_distributed(config: Config, out, *, devices: int, num_nodes: int = 1, 
         (f"--prior {config.prior}", config.prior == "mog-enum"), ("--prior-init data", config.prior_init == "data"),
         (f"--lr-schedule {config.lr_schedule}", config.lr_schedule != "constant"),
         (f"--optimizer {config.optimizer}", config.optimizer != "adam"),
-        (f"--beta {config.beta:g} (selection by the beta-ELBO)", config.beta != 1.0)) if bad]
+        (f"--beta {config.beta:g} (selection by the beta-ELBO)", config.beta != 1.0),
+        ("--prior-reseed (the prior's after-epoch hook)", config.prior_reseed and config.prior in ("mog", "mog-enum"))
+    ) if bad]
     if unsupported:
         raise PyroVAEError(f"--devices > 1 does not support {', '.join(unsupported)} yet: train on one device")
     config.validate()
