@@ -308,3 +308,14 @@ def test_a_study_marks_published_figures_it_cannot_compare(tmp_path):
     header, row = [line for line in report.splitlines() if line.startswith("| ")][:2]
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
     assert cells["published"] == "-99.25" and "normal-z2-s0: the same setting." in report
+
+
+def test_the_prior_gap_of_a_slow_guide_takes_a_recorded_subset(digits, tmp_path, monkeypatch):
+    """A guide without a fast aggregate density (full covariance) evaluates N q(z|x_n) per code: the prior
+    gap then takes SLOW_GAP_POINTS random test points, and says so; a diagonal Normal guide takes them all."""
+    monkeypatch.setattr(evaluate_module, "SLOW_GAP_POINTS", 40)
+    slow = train(tiny_config(epochs=1, guide="full-covariance"), tmp_path / "slow", data=digits, progress=False)
+    fast = train(tiny_config(epochs=1), tmp_path / "fast", data=digits, progress=False)
+    for run, n in ((slow, 40), (fast, len(digits.test))):
+        m = evaluate(run, num_particles=5, num_samples=40, progress=False, save=False)
+        assert m["subsets"]["prior_gap"]["n"] == n and math.isfinite(m["prior_gap"]["gap"][0])

@@ -153,6 +153,18 @@ def active_units(vae, x: torch.Tensor, threshold: float = 0.01) -> dict:
 # --------------------------------------------------------------------------- the aggregate posterior
 
 
+def has_fast_aggregate(vae, x: torch.Tensor) -> bool:
+    """Whether the aggregate posterior of ``vae``'s guide is computed by matrix products (a diagonal Normal
+    guide, or the power spherical): for others each q(z | x_n) is evaluated at each z, which costs far more."""
+    from ..models.sphere import PowerSpherical
+
+    with torch.no_grad():
+        q = vae.guide_dist(x[:1])
+    base = getattr(q, "base_dist", None)
+    return isinstance(q, PowerSpherical) or (isinstance(q, torch.distributions.Independent)
+                                             and type(base) in (torch.distributions.Normal, pyro.distributions.Normal))
+
+
 @torch.no_grad()
 def _log_q_aggregate(vae, z: torch.Tensor, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """log q(z) = log (1/N) sum_n q(z | x_n) for each row of z (shape (M,)), the mixture over all x: for a
