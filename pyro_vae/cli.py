@@ -120,7 +120,7 @@ def _add_study_parsers(sub) -> None:
         study.add_argument("--restart", action="store_true",
                            help="train again the runs in --out whose config differs from this command's settings")
         study.add_argument("--quiet", action="store_true", help="no progress bar")
-        add_config_flags(study)
+        add_config_flags(study, hidden=("prior", "latent_dim") if name == "compare" else ("beta", "latent_dim"))
 
 
 def cmd_study(args: argparse.Namespace) -> int:

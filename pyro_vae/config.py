@@ -260,9 +260,10 @@ def _describe_type(kind) -> str:
             type(None): "null", dict: "a table of names to numbers, strings or booleans"}.get(kind, str(kind))
 
 
-def add_config_flags(parser) -> None:
+def add_config_flags(parser, hidden: tuple[str, ...] = ()) -> None:
     """One ``--flag`` per field of :class:`Config` on an argparse parser, in a group of its own; a flag not
-    given leaves the field out of the namespace (so a config file's value stands)."""
+    given leaves the field out of the namespace (so a config file's value stands). Fields in ``hidden`` are
+    parsed but not listed by --help (a study sets them per setting and refuses them by name)."""
     import argparse
 
     hints = typing.get_type_hints(Config)
@@ -272,7 +273,7 @@ def add_config_flags(parser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         default = getattr(defaults, f.name)
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = argparse.SUPPRESS if f.name in hidden else f"{f.metadata['help']} (default: {default})"
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)

@@ -128,3 +128,14 @@ def test_train_ends_with_the_health_hint_and_logs_carry_no_bar_codes(tmp_path, c
     out = capsys.readouterr()
     assert "\r" not in out.err and "\x1b[" not in out.err
     assert "evaluate normal-z2-s0: ELBO (1/6)" in out.err  # the stages, as lines
+
+
+def test_a_study_lists_only_the_flags_it_takes(capsys):
+    """compare refuses --prior and --latent-dim (each setting sets them), sweep-beta --beta and --latent-dim:
+    their --help does not offer them, and the refusal names the flag to use."""
+    for command, hidden, offered in (("compare", ("--prior PRIOR", "--latent-dim LATENT_DIM"), "--priors"),
+                                     ("sweep-beta", ("--beta BETA", "--latent-dim LATENT_DIM"), "--betas")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert offered in text and not any(h in text for h in hidden), command
