@@ -236,16 +236,18 @@ def _sample_metrics(run: Run, data, x, labels, num_samples: int, seed: int) -> d
         from .sample_quality import reference_classifier, sample_quality
 
         clf, accuracy = reference_classifier(data)
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 1)).to(x.device)
-        first, second = x[order[: len(x) // 2]], x[order[len(x) // 2 :]]
+        half = random_subset(len(x), len(x) // 2, seed + 1)  # the test points split at random into halves
+        rest = torch.ones(len(x), dtype=torch.bool)
+        rest[half.indices] = False
+        first, second = half.take(x), x[rest.to(x.device)]
         out["sample_quality"] = {
             "classifier_test_accuracy": accuracy,
             "prior": sample_quality(clf, prior_samples, x),
             "ex_post": sample_quality(clf, ex_post_samples, x),
             "test_images": sample_quality(clf, first, second),
-            "test_halves": f"a random split of the test points into halves (torch.randperm, seed {seed + 1})",
             "reconstructions": sample_quality(clf, recon, x),
         }
+        out["subsets_samples"]["frechet_test_halves"] = half.record()  # one half; the other is the rest
     return out
 
 
