@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .errors import PyroVAEError
+from .errors import PyroVAEError, first_line
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 STUDY_OPTIONS = {"priors": (list, str), "betas": (list, (int, float)), "latent_dims": (list, int),
@@ -71,7 +71,7 @@ def _parse(path: Path) -> Any:
     except PyroVAEError:
         raise
     except Exception as e:  # tomllib.TOMLDecodeError, json's ValueError, yaml.YAMLError, UnicodeDecodeError
-        first = (str(e).strip().splitlines() or [""])[0][:120]
+        first = first_line(e, 120)
         raise PyroVAEError(f"{path}: not a valid {path.suffix.lstrip('.').upper() or 'JSON'} file ({first})") from None
 
 

@@ -18,3 +18,9 @@ def one_line(error: BaseException | str, limit: int = 300) -> str:
     checks print the offending tensor on the next one); runs of white space are folded to one space."""
     text = " ".join(str(error).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def first_line(error: BaseException | str, limit: int = 200) -> str:
+    """The first line of an error's message (a library's traceback-like text after it is dropped), at most
+    ``limit`` characters: the part a one-line refusal quotes."""
+    return (str(error).strip().splitlines() or [""])[0][:limit]

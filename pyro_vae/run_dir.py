@@ -37,7 +37,7 @@ import torch
 from .atomic import (_UMASK, BackgroundWrites, atomic_path, atomic_torch_save, atomic_write_bytes,  # noqa: F401
                      atomic_write_json, detached_copy, json_bytes)
 from .config import Config
-from .errors import PyroVAEError
+from .errors import PyroVAEError, first_line
 
 CONFIG, INFO, HISTORY, WEIGHTS, CHECKPOINT, FIGURES = (
     "config.json", "run.json", "history.json", "model.pt", "checkpoint.pt", "figures",
@@ -68,7 +68,7 @@ def torch_load(path, what: str, device="cpu") -> Any:
     except FileNotFoundError:
         raise PyroVAEError(f"{path} does not exist") from None
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        first = (str(e).strip().splitlines() or [""])[0][:100]
+        first = first_line(e, 100)
         raise PyroVAEError(f"{path}: cannot read {what} (truncated, or not a torch file: {first})") from None
 
 

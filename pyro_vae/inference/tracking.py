@@ -23,7 +23,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from ..errors import PyroVAEError
+from ..errors import PyroVAEError, first_line
 from ..run_dir import RunFiles, atomic_write_bytes
 
 TRACKERS = ("none", "csv", "tensorboard", "mlflow")
@@ -107,7 +107,7 @@ class Tracker:
                     info["mlflow_run_id"] = run.info.run_id
                     mlflow.log_params({k: str(v) for k, v in config.to_dict().items()})
             except Exception as e:
-                first = (str(e).strip().splitlines() or [""])[0][:200]
+                first = first_line(e)
                 raise PyroVAEError(f"--log mlflow: the tracking store {uri or files.path / 'mlruns'} failed "
                                    f"({type(e).__name__}: {first}); check MLFLOW_TRACKING_URI") from None
             self._mlflow = mlflow

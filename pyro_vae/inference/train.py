@@ -23,7 +23,7 @@ import torch
 
 from ..config import Config
 from ..data import Dataset, load_dataset
-from ..errors import PyroVAEError, RunInterrupted, TrainingDiverged
+from ..errors import PyroVAEError, RunInterrupted, TrainingDiverged, first_line
 from ..models.base import Prior
 from ..models.priors import UntrustedPrior, prior_reference
 from ..models.user_priors import module_folder
@@ -176,12 +176,12 @@ def _compile_or_fall_back(vae: VAE, config: Config, weight: KLWeight, train_x: t
     try:
         step.compile(shapes, seed=config.seed + 3 * EVAL_SEED_OFFSET, binarize=config.binarize)
     except Exception as e:  # a model the compiler cannot follow: train it with the uncompiled ELBO
-        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e)
         for p in vae.parameters():
             p.grad = None
         compiler = step.compiler
         step = TrainingStep(vae, config, weight, jit=False)
-        step.not_compiled = f"{compiler} could not compile it ({type(e).__name__}: {first_line})"
+        step.not_compiled = f"{compiler} could not compile it ({type(e).__name__}: {first})"
     return step
 
 

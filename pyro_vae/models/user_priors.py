@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import PyroVAEError
+from ..errors import PyroVAEError, first_line
 
 OBJECT = "<object>"
 """How config.json names a prior given as an object that cannot be recorded by name."""
@@ -118,7 +118,7 @@ def import_prior(spec: str, path: str | None = None):
         raise PyroVAEError(f"cannot import prior {spec!r}: a syntax error in {e.filename}, line {e.lineno}: "
                            f"{e.msg}") from None
     except Exception as e:  # the module's own code raised while it was imported
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e)
         raise PyroVAEError(f"cannot import prior {spec!r}: importing {module_name!r} raised "
                            f"{type(e).__name__}: {first}") from None
     finally:
