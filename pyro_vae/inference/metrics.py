@@ -156,13 +156,12 @@ def active_units(vae, x: torch.Tensor, threshold: float = 0.01) -> dict:
 def has_fast_aggregate(vae, x: torch.Tensor) -> bool:
     """Whether the aggregate posterior of ``vae``'s guide is computed by matrix products (a diagonal Normal
     guide, or the power spherical): for others each q(z | x_n) is evaluated at each z, which costs far more."""
+    from ..models.mixtures import diagonal_normal
     from ..models.sphere import PowerSpherical
 
     with torch.no_grad():
         q = vae.guide_dist(x[:1])
-    base = getattr(q, "base_dist", None)
-    return isinstance(q, PowerSpherical) or (isinstance(q, torch.distributions.Independent)
-                                             and type(base) in (torch.distributions.Normal, pyro.distributions.Normal))
+    return isinstance(q, PowerSpherical) or diagonal_normal(q) is not None
 
 
 @torch.no_grad()
@@ -170,12 +169,11 @@ def _log_q_aggregate(vae, z: torch.Tensor, x: torch.Tensor, chunk: int = 256) ->
     """log q(z) = log (1/N) sum_n q(z | x_n) for each row of z (shape (M,)), the mixture over all x: for a
     diagonal Normal guide a :class:`~pyro_vae.models.mixtures.DiagonalNormalMixture` (matrix products),
     else each q(z | x_n) evaluated in chunks of z."""
-    from ..models.mixtures import DiagonalNormalMixture
+    from ..models.mixtures import DiagonalNormalMixture, diagonal_normal
 
     q = vae.guide_dist(x)  # batch (N,)
-    base = getattr(q, "base_dist", None)
-    if isinstance(q, torch.distributions.Independent) and type(base) in (torch.distributions.Normal,
-                                                                          pyro.distributions.Normal):
+    base = diagonal_normal(q)
+    if base is not None:
         mixture = DiagonalNormalMixture(torch.zeros(x.shape[0], device=x.device), base.loc, base.scale,
                                         compute_dtype=torch.float64)
         return torch.cat([mixture.log_prob(z[i : i + 4 * chunk]) for i in range(0, z.shape[0], 4 * chunk)])

@@ -112,6 +112,17 @@ class DiagonalNormalMixture(dist.TorchDistribution):
                                       dist.Normal(self.loc, self.scale).to_event(1))
 
 
+def diagonal_normal(q) -> torch.distributions.Normal | None:
+    """The Normal of ``q`` when ``q`` is a diagonal Normal over its event, Independent(Normal, 1) (what the
+    default guide returns), so that a :class:`DiagonalNormalMixture` can take its batch as components; None
+    for any other distribution."""
+    base = getattr(q, "base_dist", None)
+    if (isinstance(q, torch.distributions.Independent) and isinstance(base, torch.distributions.Normal)
+            and q.reinterpreted_batch_ndims == 1):
+        return base
+    return None
+
+
 def _quadratic_forms(z, logits, loc, log_scale):
     """The (n, K) component log-densities of the class docstring, written plainly (autograd derives the
     backward pass): const + z @ (mu P)^T - 1/2 (z*z) @ P^T, two GEMMs that accumulate into one output."""
@@ -311,8 +322,7 @@ class MixtureOfGaussians(Prior):
         if not self.reseed or not isinstance(self.means, nn.Parameter):
             return None
         q = guide(x)
-        base = getattr(q, "base_dist", None)
-        if not (isinstance(q, dist.Independent) and isinstance(base, dist.Normal)):
+        if diagonal_normal(q) is None:
             return None  # only a diagonal Normal guide gives a component of the same family
         z = q.sample()
         usage = self().component_log_prob(z).softmax(-1).mean(0)
@@ -395,7 +405,7 @@ class VampPrior(Prior):
             raise PyroVAEError("the VampPrior needs the guide: call prior.attach(guide) first")
         q = self._guide[0](self.pseudo_inputs)  # the K posteriors: batch (K,), event (d,); encoded once per call
         logits = torch.zeros(q.batch_shape, device=self.raw_pseudo_inputs.device)
-        base = getattr(q, "base_dist", None)
-        if isinstance(q, dist.Independent) and isinstance(base, dist.Normal) and q.reinterpreted_batch_ndims == 1:
+        base = diagonal_normal(q)
+        if base is not None:
             return DiagonalNormalMixture(logits, base.loc, base.scale)  # the default guide: the fast density
         return dist.MixtureSameFamily(dist.Categorical(logits=logits), q)
