@@ -161,13 +161,11 @@ class PowerSpherical(_SphereDistribution):
 
 
 class _LogBesselI(torch.autograd.Function):
-    """log I_v(x), from scipy's exponentially scaled ive (log I_v = log ive + x), with its gradient
-    d/dx log I_v(x) = I_{v+1}(x) / I_v(x) + v / x."""
+    """log I_v(x) (:func:`_log_i`: scipy's exponentially scaled ive, or the Debye expansion at large v), with
+    its gradient d/dx log I_v(x) = I_{v+1}(x) / I_v(x) + v / x."""
 
     @staticmethod
     def forward(ctx, v: float, x: torch.Tensor):
-        from scipy.special import ive
-
         xs = x.detach().cpu().double().numpy()
         ctx.save_for_backward(x)
         ctx.v = v
@@ -175,16 +173,11 @@ class _LogBesselI(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from scipy.special import ive
-
         (x,) = ctx.saved_tensors
         xs = np.maximum(x.detach().cpu().double().numpy(), 1e-12)
-        if ctx.v >= DEBYE_ORDER:
-            ratio = np.exp(_log_i(ctx.v + 1, xs) - _log_i(ctx.v, xs))
-        else:
-            low, high = ive(ctx.v, xs), ive(ctx.v + 1, xs)
-            with np.errstate(divide="ignore", invalid="ignore"):  # I_{v+1}/I_v ~ x / (2 (v + 1)) where both underflow
-                ratio = np.where(low > 0, high / np.where(low > 0, low, 1.0), xs / (2 * (ctx.v + 1)))
+        # I_{v+1} / I_v from the same log I_v as the forward pass (where ive underflows, both small-argument
+        # terms: their ratio is the limit x / (2 (v + 1)))
+        ratio = np.exp(_log_i(ctx.v + 1, xs) - _log_i(ctx.v, xs))
         return None, grad * torch.as_tensor(ratio + ctx.v / xs, dtype=x.dtype, device=x.device)
 
 
