@@ -91,9 +91,7 @@ def evaluate(run: Run, num_particles: int = 1000, max_points: int | None = None,
         out["subsets"]["prior_gap"] = gap_points.record()
         bar.update()
         stage(5)
-        samples = _sample_metrics(run, data, x, labels, num_samples, seed)
-        out["subsets"].update(samples.pop("subsets_samples"))
-        out.update(samples)
+        out.update(_sample_metrics(run, data, x, labels, num_samples, seed, out["subsets"]))
         bar.update()
     bar.close()
     out["parameters"] = parameter_counts(vae)
@@ -215,7 +213,8 @@ def check_evaluation_fits(vae, num_particles: int, num_samples: int) -> None:
     check_fits(f"--samples {num_samples}", 4.0 * num_samples * (vae.data_dim + vae.latent_dim), str(vae.device))
 
 
-def _sample_metrics(run: Run, data, x, labels, num_samples: int, seed: int) -> dict:
+def _sample_metrics(run: Run, data, x, labels, num_samples: int, seed: int, subsets: dict) -> dict:
+    """Sharpness and sample quality; the subsets they take are recorded in ``subsets``."""
     vae = run.vae
     shape = vae.image_shape
     reference = random_subset(len(x), num_samples, seed)
@@ -230,8 +229,8 @@ def _sample_metrics(run: Run, data, x, labels, num_samples: int, seed: int) -> d
             "prior_samples": sharpness_ratio(prior_samples, x_ref, shape),
             "ex_post_samples": sharpness_ratio(ex_post_samples, x_ref, shape),
         },
-        "subsets_samples": {"sharpness_reference": reference.record()},
     }
+    subsets["sharpness_reference"] = reference.record()
     if labels is not None and data.train_labels is not None:
         from .sample_quality import reference_classifier, sample_quality
 
@@ -247,7 +246,7 @@ def _sample_metrics(run: Run, data, x, labels, num_samples: int, seed: int) -> d
             "test_images": sample_quality(clf, first, second),
             "reconstructions": sample_quality(clf, recon, x),
         }
-        out["subsets_samples"]["frechet_test_halves"] = half.record()  # one half; the other is the rest
+        subsets["frechet_test_halves"] = half.record()  # one half; the other is the rest
     return out
 
 
